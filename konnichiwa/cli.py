@@ -1,0 +1,119 @@
+"""The `konnichiwa` command: serve, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import asyncpg
+
+from konnichiwa import __version__
+from konnichiwa.auth import SCOPES, ApiKey
+from konnichiwa.logs import configure_logging
+from konnichiwa.postgres import migrate
+from konnichiwa.settings import Settings, SettingsError
+
+DEV_KEY_FILE = "api-key"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _with_overrides(Settings.from_env(), args)
+        configure_logging(settings)
+        if args.command == "serve":
+            return serve(settings)
+        return run_migrations(settings)
+    except SettingsError as exc:
+        print(f"konnichiwa: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="konnichiwa", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"konnichiwa {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the HTTP service")
+    serve_cmd.add_argument("--host", help="address to listen on (HOST, default 0.0.0.0)")
+    serve_cmd.add_argument(
+        "--port", type=_bounded_int(1, 65535), help="port to listen on (PORT, default 4000)"
+    )
+    serve_cmd.add_argument(
+        "--workers",
+        type=_bounded_int(1, 256),
+        help="worker processes (WORKERS, default: one per CPU)",
+    )
+    serve_cmd.add_argument(
+        "--access-log", action="store_true", default=None, help="log every request (ACCESS_LOG)"
+    )
+    commands.add_parser("migrate", help="apply the Postgres schema migrations and exit")
+    return parser
+
+
+def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    """Command-line flags win over the environment."""
+    flags = {name: getattr(args, name, None) for name in ("host", "port", "workers", "access_log")}
+    return settings.replace(**{name: value for name, value in flags.items() if value is not None})
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        if not raw.isdigit() or not low <= int(raw) <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}")
+        return int(raw)
+
+    return parse
+
+
+@contextlib.contextmanager
+def _servers(settings: Settings) -> Iterator[Settings]:
+    """Settings pointing at real servers: the configured ones, or the embedded dev stack."""
+    if not settings.embedded:
+        yield settings
+        return
+    from konnichiwa.embedded import embedded_stack  # noqa: PLC0415  (needs the `embedded` extra)
+
+    print(f"Starting the embedded dev stack in {settings.state_dir.resolve()} ...", flush=True)
+    with embedded_stack(settings) as running:
+        print(f"  Redis (Valkey): {running.redis_url}", flush=True)
+        print(f"  PostgreSQL:     {running.database_url}", flush=True)
+        yield running
+
+
+def serve(settings: Settings) -> int:
+    from konnichiwa.server import Supervisor  # noqa: PLC0415  (keeps `migrate` light)
+
+    with _servers(settings) as running:
+        return Supervisor(_with_dev_key(running)).run()
+
+
+def run_migrations(settings: Settings) -> int:
+    with _servers(settings) as running:
+        applied = asyncio.run(_migrate(running.require("database_url")))
+    print(f"applied migrations: {applied}" if applied else "the schema is up to date")
+    return 0
+
+
+async def _migrate(url: str) -> list[int]:
+    connection = await asyncpg.connect(url)
+    try:
+        return await migrate(connection)
+    finally:
+        await connection.close()
+
+
+def _with_dev_key(settings: Settings) -> Settings:
+    """In dev without configured keys, use a random key kept in the state directory."""
+    if settings.environment != "dev" or settings.api_keys or settings.api_key_secret_id:
+        return settings
+    path = settings.state_dir / DEV_KEY_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32) + "\n")
+    print(f"  API key (all scopes): in {path.resolve()}  (export API_KEY=$(cat {path}))")
+    return settings.replace(api_keys=(ApiKey(path.read_text().strip(), SCOPES),))

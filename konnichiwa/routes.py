@@ -1,0 +1,62 @@
+"""The whole URL map in one table: path, handler, required scope, roles, and what the docs say."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from konnichiwa import greeting, health, openapi
+from konnichiwa.auth import Scope, requires
+from konnichiwa.schemas import Greeting, GreetingQuery, Readiness
+from konnichiwa.settings import ServiceName
+
+BOTH_ROLES: Final[frozenset[ServiceName]] = frozenset({"api", "aux"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    scope: Scope | None = None  # None: public
+    query: type | None = None  # msgspec struct the query string is validated into
+    body: type | None = None  # msgspec struct the JSON body is validated into
+    responses: Mapping[int, type | str] = dataclasses.field(default_factory=dict)
+    roles: frozenset[ServiceName] = BOTH_ROLES
+    # Responses in another media type than JSON (text/plain, text/html).
+    media_type: str = "application/json"
+
+
+ROUTES: Final[tuple[Route, ...]] = (
+    Route("GET", "/", greeting.greet, "Greeting in Japanese", "greeting",
+          query=GreetingQuery, responses={200: Greeting}),
+    Route("GET", "/health", health.health, "Liveness probe", "probes",
+          responses={200: "ok"}, media_type="text/plain"),
+    Route("GET", "/health/ready", health.ready, "Readiness probe", "probes",
+          responses={200: Readiness, 503: "A dependency is down"}),
+    Route("GET", "/openapi.json", openapi.spec, "This OpenAPI document", "docs",
+          responses={200: "OpenAPI 3.1 document"}),
+    Route("GET", "/docs", openapi.docs, "Swagger UI", "docs",
+          responses={200: "HTML page"}, media_type="text/html"),
+)  # fmt: skip
+
+
+def routes_for(role: ServiceName) -> tuple[Route, ...]:
+    """The routes a service role serves."""
+    return tuple(route for route in ROUTES if role in route.roles)
+
+
+def setup_routes(app: web.Application, role: ServiceName) -> None:
+    for route in routes_for(role):
+        handler = route.handler if route.scope is None else requires(route.scope)(route.handler)
+        if route.method == "GET":
+            app.router.add_get(route.path, handler)  # answers HEAD too
+        else:
+            app.router.add_route(route.method, route.path, handler)
+    app.router.add_static(openapi.STATIC_PREFIX, openapi.swagger_ui_static_dir())

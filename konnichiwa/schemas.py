@@ -1,0 +1,98 @@
+"""Request and response shapes: one msgspec struct validates, encodes and documents each."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Annotated, Final, Literal, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from konnichiwa.errors import FieldError, validation_problem
+
+_T = TypeVar("_T")
+
+NAME_MAX_LENGTH: Final = 100
+JSON_CONTENT_TYPE: Final = "application/json"
+encode = msgspec.json.Encoder().encode
+
+
+def json_response(
+    body: msgspec.Struct | bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON answer from a struct, or from bytes encoded once ahead of time."""
+    return web.Response(
+        body=body if isinstance(body, bytes) else encode(body),
+        status=status,
+        content_type=JSON_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+class Greeting(msgspec.Struct):
+    message: Annotated[str, msgspec.Meta(examples=["こんにちは"])]
+    romaji: Annotated[str, msgspec.Meta(examples=["konnichiwa"])]
+
+
+class GreetingQuery(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[
+        str | None,
+        msgspec.Meta(description="Greet someone by name: letters and single inner spaces."),
+    ] = None
+
+
+class DependencyCheck(msgspec.Struct, omit_defaults=True):
+    status: Literal["up", "down"]
+    latency_ms: float
+    detail: str | None = None
+
+
+class Readiness(msgspec.Struct):
+    status: Literal["ready", "degraded"]
+    checks: dict[str, DependencyCheck]
+
+
+_AT_PATH: Final = re.compile(r"^(?P<message>.*?) - at `\$\.?(?P<path>[^`]*)`$")
+_NAMED_FIELD: Final = re.compile(r"field `(?P<field>[^`]+)`")
+
+
+def field_errors(exc: msgspec.ValidationError) -> list[FieldError]:
+    """Turn msgspec's message ("Expected `int`, got `str` - at `$.counter`") into field errors."""
+    text = str(exc)
+    if located := _AT_PATH.match(text):
+        return [FieldError(located["path"] or "body", located["message"])]
+    if named := _NAMED_FIELD.search(text):
+        return [FieldError(named["field"], text)]
+    return [FieldError("body", text)]
+
+
+def convert_query(query: object, into: type[_T]) -> _T:
+    """Validate query parameters (strings) into a struct; raise a 422 problem on bad values."""
+    try:
+        return msgspec.convert(query, into, strict=False)
+    except msgspec.ValidationError as exc:
+        raise validation_problem(field_errors(exc)) from None
+
+
+_NAME_SHAPE: Final = re.compile(r"[^\W\d_]+(?: [^\W\d_]+)*")
+
+
+def person_name(raw: str, field: str = "name") -> str:
+    """A person's name in any script: letters (and their combining marks), single inner spaces."""
+    name = unicodedata.normalize("NFC", raw.strip())
+    problem = None
+    if not name:
+        problem = "must not be empty"
+    elif len(name) > NAME_MAX_LENGTH:
+        problem = f"must be at most {NAME_MAX_LENGTH} characters"
+    elif not _NAME_SHAPE.fullmatch(_without_marks(name)):
+        problem = "may contain only letters and single spaces between words"
+    if problem is not None:
+        raise validation_problem([FieldError(field, f"The name {problem}.")])
+    return name
+
+
+def _without_marks(text: str) -> str:
+    # Scripts such as Devanagari write names with combining marks (category M), which \w lacks.
+    return "".join(ch for ch in text if not unicodedata.category(ch).startswith("M"))

@@ -1,0 +1,163 @@
+"""Serving: a supervisor that keeps N worker processes on one port, and the worker itself.
+
+Workers bind the port with SO_REUSEPORT, so the kernel spreads connections over them. The
+supervisor replaces a worker that dies and, on SIGTERM or SIGINT, lets every worker drain its
+in-flight requests before it exits 0 — within the 30 s an ECS task gets after SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.synchronize import Event
+from typing import Final
+
+from aiohttp import web
+from aiohttp.log import access_logger
+
+from konnichiwa.app import create_app
+from konnichiwa.logs import configure_logging
+from konnichiwa.settings import Settings
+
+log = logging.getLogger("konnichiwa.server")
+
+DRAIN_SECONDS: Final = 20.0  # a worker's wait for in-flight requests after SIGTERM
+STOP_SECONDS: Final = 24.0  # the supervisor's wait for its workers before SIGKILL
+START_SECONDS: Final = 60.0  # how long a worker may take to open its pools and migrate
+MAX_RESTART_DELAY: Final = 30.0
+STABLE_SECONDS: Final = 10.0  # a worker that lived this long resets the restart back-off
+
+_spawn = multiprocessing.get_context("spawn")
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop when it is installed, the standard loop otherwise."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def run_worker(settings: Settings, ready: Event) -> None:
+    """A worker process: serve until SIGTERM or SIGINT, then drain and close the pools."""
+    configure_logging(settings)
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(_serve(settings, ready))
+
+
+async def _serve(settings: Settings, ready: Event) -> None:
+    runner = web.AppRunner(
+        create_app(settings),
+        access_log=access_logger if settings.access_log else None,
+        shutdown_timeout=DRAIN_SECONDS,
+        handle_signals=False,
+    )
+    await runner.setup()  # runs the cleanup contexts: Redis PING, Postgres migrations
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=2048)
+        await site.start()
+        ready.set()
+        await stop.wait()
+        log.info("draining")
+    finally:
+        await runner.cleanup()
+
+
+class Supervisor:
+    """Starts the workers, replaces any that die, and stops them all on a signal."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.workers: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
+        self.stopping = False
+        self.restart_delay = 1.0
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        try:
+            if not self._start_all():
+                return 1
+            print(
+                f"Serving on http://{self.settings.host}:{self.settings.port} "
+                f"with {self.settings.workers} worker(s); Ctrl-C or SIGTERM stops.",
+                flush=True,
+            )
+            while not self.stopping:
+                self._replace_dead()
+            return 0
+        finally:
+            self._stop_all()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _spawn_worker(self) -> tuple[multiprocessing.process.BaseProcess, Event]:
+        ready = _spawn.Event()
+        process = _spawn.Process(target=run_worker, args=(self.settings, ready), daemon=False)
+        process.start()
+        assert process.pid is not None  # noqa: S101  (set by start())
+        self.workers[process.pid] = (process, time.monotonic())
+        return process, ready
+
+    def _start_all(self) -> bool:
+        """Start every worker and wait until all listen; False if one failed to start."""
+        started = [self._spawn_worker() for _ in range(self.settings.workers)]
+        deadline = time.monotonic() + START_SECONDS
+        for process, ready in started:
+            while not ready.wait(0.1):
+                if self.stopping:
+                    return True
+                if not process.is_alive() or time.monotonic() > deadline:
+                    log.error("worker %s failed to start; see its error above", process.pid)
+                    return False
+        return True
+
+    def _replace_dead(self) -> None:
+        sentinels = [process.sentinel for process, _ in self.workers.values()]
+        multiprocessing.connection.wait(sentinels, timeout=0.5)
+        for pid, (process, started) in list(self.workers.items()):
+            if process.is_alive() or self.stopping:
+                continue
+            del self.workers[pid]
+            lived = time.monotonic() - started
+            self.restart_delay = 1.0 if lived > STABLE_SECONDS else self.restart_delay
+            log.error(
+                "worker %s exited with code %s after %.1f s; starting a new one in %.0f s",
+                pid, process.exitcode, lived, self.restart_delay,
+            )  # fmt: skip
+            self._sleep_unless_stopping(self.restart_delay)
+            self.restart_delay = min(self.restart_delay * 2, MAX_RESTART_DELAY)
+            if not self.stopping:
+                self._spawn_worker()
+
+    def _sleep_unless_stopping(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _stop_all(self) -> None:
+        for process, _ in self.workers.values():
+            if process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
+        for process, _ in self.workers.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker %s did not stop in time; killing it", process.pid)
+                process.kill()
+                process.join()
+        self.workers.clear()

@@ -1,0 +1,202 @@
+"""The service's configuration: read once from the environment (and `.env`), validated, frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final, Literal, TypeVar, cast, get_args
+
+from aiohttp import web
+from dotenv import dotenv_values
+
+from konnichiwa.auth import ApiKey, parse_api_keys
+
+Environment = Literal["dev", "qa", "prod"]
+ServiceName = Literal["api", "aux"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["text", "json"]
+
+# Every variable the service reads; deployments and docs are checked against this list.
+VARIABLES: Final = (
+    "PORT", "HOST", "WORKERS", "SERVICE_NAME", "ENVIRONMENT", "LOG_LEVEL", "LOG_FORMAT",
+    "ACCESS_LOG", "API_KEY", "API_KEYS", "API_KEY_SECRET_ID", "REDIS_URL", "DATABASE_URL",
+    "AWS_REGION", "AWS_ENDPOINT_URL", "SSM_PREFIX", "KONNICHIWA_STATE_DIR", "MAX_BODY_BYTES",
+)  # fmt: skip
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+_L = TypeVar("_L", bound=str)
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot start with; the message names the variable."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service reads from its environment, validated."""
+
+    port: int = 4000
+    host: str = "0.0.0.0"
+    workers: int = 1
+    service_name: ServiceName = "api"
+    environment: Environment = "dev"
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat = "text"
+    access_log: bool = False
+    api_keys: tuple[ApiKey, ...] = ()
+    api_key_secret_id: str | None = None
+    redis_url: str | None = None
+    database_url: str | None = None
+    aws_region: str = "ap-northeast-1"
+    aws_endpoint_url: str | None = None
+    ssm_prefix: str = "/konnichiwa/dev/"
+    state_dir: Path = Path(".konnichiwa")
+    max_body_bytes: int = 64 * 1024
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the dev stack must start its own Redis-compatible and Postgres servers."""
+        return self.environment == "dev" and (self.redis_url is None or self.database_url is None)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+    ) -> Settings:
+        """Build settings from `environ` (default: the process environment) over `env_file`."""
+        values: dict[str, str] = {}
+        if env_file is not None and env_file.is_file():
+            values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+        return _parse(values)
+
+    def require(self, field: Literal["redis_url", "database_url"]) -> str:
+        """A server URL the service cannot run without (the embedded stack fills them in dev)."""
+        value: str | None = getattr(self, field)
+        if value is None:
+            raise SettingsError(f"{field.upper()} is not set")
+        return value
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (the embedded stack fills in its URLs this way)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _parse(env: Mapping[str, str]) -> Settings:
+    def get(name: str) -> str | None:
+        value = env.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    environment = _choice(get, "ENVIRONMENT", cast(tuple[Environment, ...], get_args(Environment)))
+    environment = environment or "dev"
+    api_keys = _api_keys(get)
+    settings = Settings(
+        port=_integer(get, "PORT", 1, 65535) or 4000,
+        host=get("HOST") or "0.0.0.0",
+        workers=_integer(get, "WORKERS", 1, 256) or os.cpu_count() or 1,
+        service_name=_choice(get, "SERVICE_NAME", get_args(ServiceName)) or "api",
+        environment=environment,
+        log_level=_choice(get, "LOG_LEVEL", get_args(LogLevel), str.upper) or "INFO",
+        log_format=_choice(get, "LOG_FORMAT", get_args(LogFormat), str.lower) or "text",
+        access_log=_boolean(get, "ACCESS_LOG"),
+        api_keys=api_keys,
+        api_key_secret_id=get("API_KEY_SECRET_ID"),
+        redis_url=_url(get, "REDIS_URL", ("redis", "rediss", "unix", "valkey", "valkeys")),
+        database_url=_url(get, "DATABASE_URL", ("postgres", "postgresql")),
+        aws_region=_aws_region(get),
+        aws_endpoint_url=_url(get, "AWS_ENDPOINT_URL", ("http", "https")),
+        ssm_prefix=_ssm_prefix(get, environment),
+        state_dir=Path(get("KONNICHIWA_STATE_DIR") or ".konnichiwa"),
+        max_body_bytes=_integer(get, "MAX_BODY_BYTES", 1024, 16 * 1024 * 1024) or 64 * 1024,
+    )
+    if environment != "dev":
+        for name, value in (
+            ("REDIS_URL", settings.redis_url),
+            ("DATABASE_URL", settings.database_url),
+        ):
+            if value is None:
+                raise SettingsError(
+                    f"{name} is required when ENVIRONMENT={environment}: embedded servers "
+                    "are for development only"
+                )
+        if not settings.api_keys and settings.api_key_secret_id is None:
+            raise SettingsError(
+                f"API_KEY, API_KEYS or API_KEY_SECRET_ID is required when ENVIRONMENT={environment}"
+            )
+    return settings
+
+
+Getter = Callable[[str], str | None]
+
+
+def _choice(
+    get: Getter, name: str, allowed: tuple[_L, ...], normalise: Callable[[str], str] = str.lower
+) -> _L | None:
+    raw = get(name)
+    if raw is None:
+        return None
+    for option in allowed:
+        if normalise(raw) == option:
+            return option
+    raise SettingsError(f"{name}={raw!r} is not valid: expected one of {', '.join(allowed)}")
+
+
+def _integer(get: Getter, name: str, low: int, high: int) -> int | None:
+    raw = get(name)
+    if raw is None:
+        return None
+    if not re.fullmatch(r"[0-9]+", raw) or not low <= int(raw) <= high:
+        raise SettingsError(
+            f"{name}={raw!r} is not valid: expected an integer from {low} to {high}"
+        )
+    return int(raw)
+
+
+def _boolean(get: Getter, name: str) -> bool:
+    raw = (get(name) or "").lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not valid: expected true or false")
+
+
+def _url(get: Getter, name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = get(name)
+    if raw is None:
+        return None
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme.lower() not in schemes or not rest:
+        expected = " or ".join(f"{s}://..." for s in schemes)
+        raise SettingsError(f"{name} is not valid: expected a URL of the form {expected}")
+    return raw
+
+
+def _api_keys(get: Getter) -> tuple[ApiKey, ...]:
+    single, several = get("API_KEY"), get("API_KEYS")
+    try:
+        keys = parse_api_keys(single, "API_KEY") + parse_api_keys(several, "API_KEYS")
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    return keys
+
+
+def _aws_region(get: Getter) -> str:
+    raw = get("AWS_REGION") or get("AWS_DEFAULT_REGION") or "ap-northeast-1"
+    if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-[0-9]", raw):
+        raise SettingsError(f"AWS_REGION={raw!r} is not valid: expected a region like us-east-1")
+    return raw
+
+
+def _ssm_prefix(get: Getter, environment: str) -> str:
+    raw = get("SSM_PREFIX") or f"/konnichiwa/{environment}/"
+    if not re.fullmatch(r"(/[A-Za-z0-9_.\-]+)+/?", raw):
+        raise SettingsError(
+            f"SSM_PREFIX={raw!r} is not valid: expected a path like /konnichiwa/{environment}/"
+        )
+    return raw if raw.endswith("/") else raw + "/"
+
+
+settings_key = web.AppKey("settings", Settings)

@@ -120,7 +120,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise
         response = _from_http_exception(exc)
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s [%s]", request.method, request.path, rid)
         response = _internal_error()
     response.headers[REQUEST_ID_HEADER] = rid
     return response

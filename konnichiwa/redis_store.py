@@ -27,7 +27,7 @@ def connect(url: str) -> Redis:
         socket_timeout=COMMAND_TIMEOUT,
         health_check_interval=30,
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

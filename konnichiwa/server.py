@@ -120,8 +120,15 @@ class Supervisor:
             while not ready.wait(0.1):
                 if self.stopping:
                     return True
-                if not process.is_alive() or time.monotonic() > deadline:
-                    log.error("worker %s failed to start; see its error above", process.pid)
+                if not process.is_alive():
+                    log.error(
+                        "worker %s exited with code %s while starting",
+                        process.pid,
+                        process.exitcode,
+                    )
+                    return False
+                if time.monotonic() > deadline:
+                    log.error("worker %s did not start within %.0f s", process.pid, START_SECONDS)
                     return False
         return True
 

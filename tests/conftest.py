@@ -1,0 +1,88 @@
+"""Fixtures: real Valkey and Postgres for the session, a fresh database and Redis per test."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio
+from pytest_aiohttp import AiohttpClient
+
+from konnichiwa.app import create_app
+from konnichiwa.auth import SCOPES, ApiKey
+from konnichiwa.embedded import embedded_stack
+from konnichiwa.postgres import migrate
+from konnichiwa.settings import Settings
+from tests.support import FULL_KEY, READ_KEY, Client, Servers, database_url_for
+
+TEMPLATE_DATABASE = "konnichiwa_template"
+_database_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """REDIS_URL and DATABASE_URL when given, else embedded servers started for this session."""
+    given = Settings(
+        redis_url=os.environ.get("REDIS_URL"), database_url=os.environ.get("DATABASE_URL")
+    )
+    state_dir = tmp_path_factory.mktemp("state")
+    with embedded_stack(given.replace(state_dir=state_dir)) as running:
+        servers = Servers(running.require("redis_url"), running.require("database_url"), state_dir)
+        asyncio.run(_create_template(servers.database_url))
+        yield servers
+
+
+async def _create_template(admin_url: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DATABASE}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{TEMPLATE_DATABASE}"')
+    finally:
+        await admin.close()
+    template = await asyncpg.connect(database_url_for(admin_url, TEMPLATE_DATABASE))
+    try:
+        await migrate(template)
+    finally:
+        await template.close()
+
+
+@pytest.fixture
+async def database_url(servers: Servers) -> AsyncIterator[str]:
+    """A database of its own for each test, already migrated (copied from a template)."""
+    name = f"test_{os.getpid()}_{next(_database_numbers)}"
+    admin = await asyncpg.connect(servers.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DATABASE}"')
+        yield database_url_for(servers.database_url, name)
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def redis_url(servers: Servers) -> str:
+    """The session's Redis, emptied before each test."""
+    client = redis.asyncio.Redis.from_url(servers.redis_url)
+    await client.flushdb()
+    await client.aclose()
+    return servers.redis_url
+
+
+@pytest.fixture
+def settings(redis_url: str, database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        database_url=database_url,
+        state_dir=tmp_path,
+        api_keys=(ApiKey(FULL_KEY, SCOPES), ApiKey(READ_KEY, ["read"])),
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client: AiohttpClient, settings: Settings) -> Client:
+    return await aiohttp_client(create_app(settings))

@@ -1,0 +1,144 @@
+"""Helpers shared by the tests (and the load tests): keys, URLs, the service as a real process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Final, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
+
+import psutil
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+Client = TestClient[web.Request, web.Application]
+
+FULL_KEY: Final = "test-key-with-every-scope-0123456789"
+READ_KEY: Final = "test-key-read-only-0123456789"
+FULL_AUTH: Final = {"Authorization": f"Bearer {FULL_KEY}"}
+READ_AUTH: Final = {"X-API-Key": READ_KEY}
+
+
+class Servers(NamedTuple):
+    redis_url: str
+    database_url: str
+    state_dir: Path
+
+
+def database_url_for(url: str, database: str) -> str:
+    """The same server URL with another database name."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """A blocking GET for tests that drive a real server process: (status, body)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310  (test URL)
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+class ServiceProcess:
+    """`konnichiwa serve` as a real process, its output kept in a log file."""
+
+    def __init__(self, log_path: Path, env: Mapping[str, str], *args: str) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "konnichiwa", "serve", "--port", str(self.port), *args]
+        environment = {
+            k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
+        }
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                env={
+                    **environment,
+                    "HOST": "127.0.0.1",
+                    "KONNICHIWA_STATE_DIR": str(log_path.parent / "state"),
+                    **env,
+                },
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the service exited early:\n{self.output}")
+            with contextlib.suppress(OSError):
+                if (
+                    http_get(self.url + "/health", timeout=1)[0] == 200
+                    and "Serving on" in self.output
+                ):
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"the service did not serve within {timeout} s:\n{self.output}")
+
+    def workers(self) -> list[psutil.Process]:
+        """The worker processes (not multiprocessing's resource tracker)."""
+        children = psutil.Process(self.process.pid).children()
+        return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then the exit code (SIGKILL and fail if it does not exit in time)."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"no exit within {timeout} s of SIGTERM:\n{self.output}") from None
+
+
+@contextlib.contextmanager
+def running_service(log_path: Path, env: Mapping[str, str], *args: str) -> Iterator[ServiceProcess]:
+    service = ServiceProcess(log_path, env, *args)
+    try:
+        service.wait_until_serving()
+        yield service
+    finally:
+        if service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()
+
+
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """Freeze a server process and its children (SIGSTOP), as a hung host would; thaw on exit."""
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for process in tree:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGCONT)
+
+
+def pid_from_file(path: Path) -> int:
+    """The pid a server wrote: Valkey's pidfile, or the first line of postmaster.pid."""
+    return int(path.read_text().split()[0])

@@ -1,0 +1,92 @@
+"""API keys: three headers, never the query string, one 401 for every failure, 403 for scope."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpClient
+
+from konnichiwa.app import create_app
+from konnichiwa.auth import SCOPES, ApiKey, KeyRing, keyring, parse_api_keys, requires
+from konnichiwa.routes import ROUTES
+from konnichiwa.settings import Settings
+from tests.support import FULL_KEY, READ_KEY, Client
+
+
+async def _guarded(request: web.Request) -> web.Response:
+    return web.Response(text="inside")
+
+
+@pytest.fixture
+async def guarded_client(aiohttp_client: AiohttpClient, settings: Settings) -> Client:
+    """The real app plus one route behind the `write` scope, to exercise the mechanism alone."""
+    app = create_app(settings)
+    app.router.add_post("/guarded", requires("write")(_guarded))
+    return await aiohttp_client(app)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": f"Bearer {FULL_KEY}"},
+        {"Authorization": f"bearer {FULL_KEY}"},
+        {"X-API-Key": FULL_KEY},
+        {"API-Key": FULL_KEY},
+    ],
+)
+async def test_accepted_headers(guarded_client: Client, headers: dict[str, str]) -> None:
+    response = await guarded_client.post("/guarded", headers=headers)
+    assert response.status == 200
+    assert await response.text() == "inside"
+
+
+@pytest.mark.parametrize(
+    ("headers", "params"),
+    [
+        ({}, {}),
+        ({"Authorization": "Bearer wrong-key-0123456789"}, {}),
+        ({"Authorization": f"Basic {FULL_KEY}"}, {}),
+        ({"Authorization": "Bearer "}, {}),
+        ({"X-API-Key": FULL_KEY[:-1]}, {}),
+        ({"API-Key": ""}, {}),
+        ({}, {"api_key": FULL_KEY}),
+        ({}, {"apikey": FULL_KEY}),
+    ],
+)
+async def test_every_failure_gets_the_same_401(
+    guarded_client: Client, headers: dict[str, str], params: dict[str, str]
+) -> None:
+    reference = await guarded_client.post("/guarded")
+    response = await guarded_client.post("/guarded", headers=headers, params=params)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.content_type == "application/problem+json"
+    assert await response.read() == await reference.read()
+
+
+async def test_key_without_the_scope_gets_403(guarded_client: Client) -> None:
+    response = await guarded_client.post("/guarded", headers={"X-API-Key": READ_KEY})
+    assert response.status == 403
+    body = await response.json()
+    assert "'write'" in body["detail"]
+
+
+async def test_rotated_keys_take_effect(guarded_client: Client) -> None:
+    guarded_client.app[keyring].replace([ApiKey("the-next-key-0123456789", SCOPES)])
+    old = await guarded_client.post("/guarded", headers={"X-API-Key": FULL_KEY})
+    new = await guarded_client.post("/guarded", headers={"X-API-Key": "the-next-key-0123456789"})
+    assert (old.status, new.status) == (401, 200)
+
+
+def test_keyring_lookup() -> None:
+    ring = KeyRing(parse_api_keys("first-key-0123456789:read,second-key-0123456789", "API_KEYS"))
+    found = ring.lookup("first-key-0123456789")
+    assert found is not None
+    assert found.scopes == {"read"}
+    assert ring.lookup("first-key-012345678") is None
+    assert ring.lookup("") is None
+
+
+def test_protected_routes_name_a_known_scope() -> None:
+    for route in ROUTES:
+        assert route.scope is None or route.scope in SCOPES

@@ -1,0 +1,120 @@
+"""OpenAPI: generated from the URL table, valid 3.1, complete both ways; Swagger UI renders it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from openapi_spec_validator import validate
+from pytest_aiohttp import AiohttpClient
+
+from konnichiwa.app import create_app
+from konnichiwa.routes import routes_for
+from konnichiwa.settings import ServiceName, Settings
+from tests.support import Client
+
+ROLES: list[ServiceName] = ["api", "aux"]
+
+
+def _served_operations(app: web.Application) -> set[tuple[str, str]]:
+    """(method, path) of every route the app serves, less HEAD twins and static files."""
+    operations = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter")
+        if route.method != "HEAD" and path is not None:
+            operations.add((route.method.lower(), re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path)))
+    return operations
+
+
+@pytest.mark.parametrize("role", ROLES)
+async def test_spec_lists_exactly_what_is_served(
+    aiohttp_client: AiohttpClient, settings: Settings, role: ServiceName
+) -> None:
+    client = await aiohttp_client(create_app(settings.replace(service_name=role)))
+    spec = await (await client.get("/openapi.json")).json()
+    documented = {(method, path) for path, item in spec["paths"].items() for method in item}
+    assert documented == _served_operations(client.app)
+    assert len(documented) == len(routes_for(role))
+    validate(spec)
+
+
+async def test_spec_describes_security_and_errors(client: Client) -> None:
+    spec = await (await client.get("/openapi.json")).json()
+    assert set(spec["components"]["securitySchemes"]) == {"bearer", "xApiKey", "apiKey"}
+    assert spec["openapi"].startswith("3.1")
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            assert "default" in operation["responses"], (method, path)
+            scope = operation.get("x-required-scope")
+            if scope is not None:
+                assert all(list(req.values()) == [[scope]] for req in operation["security"])
+                assert {"401", "403"} <= operation["responses"].keys()
+
+
+async def test_greeting_query_is_documented(client: Client) -> None:
+    spec = await (await client.get("/openapi.json")).json()
+    parameters = spec["paths"]["/"]["get"]["parameters"]
+    assert [p["name"] for p in parameters] == ["name"]
+    assert "422" in spec["paths"]["/"]["get"]["responses"]
+
+
+async def test_docs_page_and_assets_are_served_locally(client: Client) -> None:
+    page = await client.get("/docs")
+    assert page.status == 200
+    html = await page.text()
+    assert "swagger-ui-bundle.js" in html
+    assert not re.findall(r'(?:src|href)="(?:https?:)?//', html), "an asset from another host"
+    for asset in re.findall(r'(?:src|href)="(/docs/static/[^"]+)"', html):
+        response = await client.get(asset)
+        assert response.status == 200, asset
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed on first use (the test set-up runs as root on CI)."""
+    found = shutil.which("chromium")
+    if found is None:
+        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=environment)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+            check=True,
+            env=environment,
+        )
+        found = shutil.which("chromium")
+    assert found is not None, "chromium could not be installed"
+    return found
+
+
+async def test_swagger_ui_lists_the_operations(
+    client: Client, chromium: str, tmp_path: Path
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path}",
+        "--virtual-time-budget=15000",
+        "--dump-dom",
+        str(client.make_url("/docs")),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    dom, _ = await asyncio.wait_for(process.communicate(), timeout=90)
+    rendered = dom.decode()
+    paths = set(re.findall(r'data-path="([^"]+)"', rendered))
+    assert {"/", "/health", "/health/ready", "/openapi.json", "/docs"} <= paths
+    assert "Konnichiwa (api)" in rendered

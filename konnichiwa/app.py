@@ -12,6 +12,7 @@ from konnichiwa.postgres import pg_ctx
 from konnichiwa.redis_store import redis_ctx
 from konnichiwa.routes import routes_for, setup_routes
 from konnichiwa.settings import Settings, settings_key
+from konnichiwa.state import setup_state
 
 # aiohttp names itself and its version in every Server header, including the ones it writes for
 # requests it cannot parse; one neutral name everywhere says nothing an attacker can use.
@@ -26,6 +27,7 @@ def create_app(settings: Settings) -> web.Application:
     app[openapi_document] = msgspec.json.encode(
         build_spec(routes_for(settings.service_name), settings.service_name)
     )
+    setup_state(app)
     app.cleanup_ctx.extend([redis_ctx, pg_ctx])
     setup_routes(app, settings.service_name)
     return app

@@ -9,9 +9,16 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from konnichiwa import greeting, health, openapi
+from konnichiwa import greeting, health, openapi, state
 from konnichiwa.auth import Scope, requires
-from konnichiwa.schemas import Greeting, GreetingQuery, Readiness
+from konnichiwa.schemas import (
+    Greeting,
+    GreetingQuery,
+    Readiness,
+    Status,
+    UpdateRequest,
+    UpdateResult,
+)
 from konnichiwa.settings import ServiceName
 
 BOTH_ROLES: Final[frozenset[ServiceName]] = frozenset({"api", "aux"})
@@ -40,6 +47,11 @@ ROUTES: Final[tuple[Route, ...]] = (
           responses={200: "ok"}, media_type="text/plain"),
     Route("GET", "/health/ready", health.ready, "Readiness probe", "probes",
           responses={200: Readiness, 503: "A dependency is down"}),
+    Route("GET", "/status", state.status, "Current counter and message", "state",
+          responses={200: Status}),
+    Route("POST", "/update", state.update, "Change the counter and/or the message", "state",
+          scope="write", body=UpdateRequest,
+          responses={200: UpdateResult, 409: "The increment would overflow the counter"}),
     Route("GET", "/openapi.json", openapi.spec, "This OpenAPI document", "docs",
           responses={200: "OpenAPI 3.1 document"}),
     Route("GET", "/docs", openapi.docs, "Swagger UI", "docs",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Annotated, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
 
-from konnichiwa.errors import FieldError, validation_problem
+from konnichiwa.errors import FieldError, Problem, validation_problem
 
 _T = TypeVar("_T")
 
@@ -42,6 +42,40 @@ class GreetingQuery(msgspec.Struct, forbid_unknown_fields=True):
     ] = None
 
 
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+MESSAGE_MAX_LENGTH: Final = 1000
+
+
+class State(msgspec.Struct):
+    counter: int
+    message: str
+
+
+class Status(msgspec.Struct):
+    counter: int
+    message: str
+    timestamp: Annotated[str, msgspec.Meta(description="RFC 3339, UTC")]
+    uptime_seconds: float
+
+
+class UpdateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Any of: set `counter`, or add `increment` to it; set `message`. At least one."""
+
+    counter: Int64 | msgspec.UnsetType = msgspec.UNSET
+    increment: Int64 | msgspec.UnsetType = msgspec.UNSET
+    message: Annotated[str, msgspec.Meta(max_length=MESSAGE_MAX_LENGTH)] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )
+
+
+class UpdateResult(msgspec.Struct):
+    success: bool
+    message: str
+    old_state: State
+    new_state: State
+    seq: Annotated[int, msgspec.Meta(description="Audit sequence number: the `id` in /logs")]
+
+
 class DependencyCheck(msgspec.Struct, omit_defaults=True):
     status: Literal["up", "down"]
     latency_ms: float
@@ -65,6 +99,31 @@ def field_errors(exc: msgspec.ValidationError) -> list[FieldError]:
     if named := _NAMED_FIELD.search(text):
         return [FieldError(named["field"], text)]
     return [FieldError("body", text)]
+
+
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+async def decode_body(request: web.Request, into: type[_T]) -> _T:
+    """A JSON request body validated into `into`: 415, 400 or 422 problems when it is not."""
+    content_type = request.content_type
+    if content_type != JSON_CONTENT_TYPE and not content_type.endswith("+json"):
+        raise Problem(
+            415,
+            "Unsupported Media Type",
+            "Send the body as JSON with 'Content-Type: application/json'.",
+        )
+    decoder = _decoders.get(into)
+    if decoder is None:
+        decoder = _decoders[into] = msgspec.json.Decoder(into)
+    try:
+        return decoder.decode(await request.read())  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise validation_problem(field_errors(exc)) from None
+    except msgspec.DecodeError:
+        raise Problem(
+            400, "Bad Request", "The body is not valid JSON.", type="/problems/malformed-json"
+        ) from None
 
 
 def convert_query(query: object, into: type[_T]) -> _T:

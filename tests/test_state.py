@@ -1,0 +1,178 @@
+"""Shared state: `/status` and `/update` — contract, atomicity, bad input changing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+import redis.asyncio
+
+from tests.support import FULL_AUTH, READ_AUTH, Client
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+
+async def _update(client: Client, body: object) -> tuple[int, dict[str, object]]:
+    response = await client.post("/update", json=body, headers=FULL_AUTH)
+    return response.status, await response.json(content_type=None)
+
+
+async def _state(client: Client) -> tuple[int, str]:
+    body = await (await client.get("/status")).json()
+    return body["counter"], body["message"]
+
+
+async def test_initial_status(client: Client) -> None:
+    response = await client.get("/status")
+    assert response.status == 200
+    body = await response.json()
+    assert (body["counter"], body["message"]) == (0, "")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", body["timestamp"])
+    assert isinstance(body["uptime_seconds"], float)
+    assert body["uptime_seconds"] >= 0
+
+
+VALID_UPDATES = [
+    ({"counter": 5}, (5, ""), "counter"),
+    ({"increment": 3}, (3, ""), "increment"),
+    ({"increment": -3}, (-3, ""), "increment"),
+    ({"message": "hello"}, (0, "hello"), "message"),
+    ({"counter": 7, "message": "こんにちは"}, (7, "こんにちは"), "counter, message"),
+    ({"increment": 2, "message": ""}, (2, ""), "increment, message"),
+    ({"counter": INT64_MAX}, (INT64_MAX, ""), "counter"),
+    ({"counter": INT64_MIN}, (INT64_MIN, ""), "counter"),
+    ({"message": "x" * 1000}, (0, "x" * 1000), "message"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected", "update_type"), VALID_UPDATES)
+async def test_valid_updates(
+    client: Client, body: dict[str, object], expected: tuple[int, str], update_type: str
+) -> None:
+    status, answer = await _update(client, body)
+    assert status == 200
+    assert answer["success"] is True
+    assert answer["message"] == "State updated successfully"
+    assert answer["old_state"] == {"counter": 0, "message": ""}
+    assert answer["new_state"] == {"counter": expected[0], "message": expected[1]}
+    assert answer["seq"] == 1
+    assert await _state(client) == expected
+
+
+async def test_sequence_and_consecutive_values(client: Client) -> None:
+    await _update(client, {"counter": 10, "message": "a"})
+    status, answer = await _update(client, {"increment": 5})
+    assert status == 200
+    assert answer["old_state"] == {"counter": 10, "message": "a"}
+    assert answer["new_state"] == {"counter": 15, "message": "a"}
+    assert answer["seq"] == 2
+
+
+INVALID_UPDATES = [
+    ([], "body"),
+    ("counter", "body"),
+    (42, "body"),
+    ({}, "body"),
+    ({"id": 1}, "id"),
+    ({"counter": 1, "extra": True}, "extra"),
+    ({"counter": "5"}, "counter"),
+    ({"counter": True}, "counter"),
+    ({"counter": 1.5}, "counter"),
+    ({"counter": 1.0}, "counter"),
+    ({"counter": None}, "counter"),
+    ({"counter": INT64_MAX + 1}, "counter"),
+    ({"counter": INT64_MIN - 1}, "counter"),
+    ({"increment": 2**64}, "increment"),
+    ({"increment": False}, "increment"),
+    ({"message": 5}, "message"),
+    ({"message": None}, "message"),
+    ({"message": "x" * 1001}, "message"),
+    ({"counter": 1, "increment": 1}, "increment"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), INVALID_UPDATES)
+async def test_invalid_updates_change_nothing(client: Client, body: object, field: str) -> None:
+    await _update(client, {"counter": 9, "message": "before"})
+    status, answer = await _update(client, body)
+    assert status == 422
+    assert [error["field"] for error in answer["errors"]] == [field]  # type: ignore[attr-defined]
+    assert await _state(client) == (9, "before")
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status"),
+    [
+        (b"{not json", "application/json", 400),
+        (b"", "application/json", 400),
+        (b'{"counter": 1', "application/json", 400),
+        (b'{"counter": 1}', "text/plain", 415),
+        (b"counter=1", "application/x-www-form-urlencoded", 415),
+    ],
+)
+async def test_malformed_bodies(
+    client: Client, data: bytes, content_type: str, status: int
+) -> None:
+    response = await client.post(
+        "/update", data=data, headers={**FULL_AUTH, "Content-Type": content_type}
+    )
+    assert response.status == status
+    assert response.content_type == "application/problem+json"
+    assert await _state(client) == (0, "")
+
+
+@pytest.mark.parametrize(
+    ("start", "increment"), [(INT64_MAX, 1), (INT64_MIN, -1), (INT64_MAX - 5, 10), (-5, INT64_MIN)]
+)
+async def test_overflow_is_refused_not_wrapped(client: Client, start: int, increment: int) -> None:
+    await _update(client, {"counter": start})
+    status, answer = await _update(client, {"increment": increment, "message": "never"})
+    assert status == 409
+    assert answer["type"] == "/problems/counter-overflow"
+    assert await _state(client) == (start, "")
+    status, answer = await _update(client, {"increment": 0})
+    assert answer["seq"] == 2  # the refused change took no sequence number
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"), [({}, 401), (READ_AUTH, 403), ({"X-API-Key": "nope" * 5}, 401)]
+)
+async def test_update_needs_the_write_scope(
+    client: Client, headers: dict[str, str], status: int
+) -> None:
+    response = await client.post("/update", json={"counter": 1}, headers=headers)
+    assert response.status == status
+    assert await _state(client) == (0, "")
+
+
+async def test_concurrent_increments_are_never_lost(client: Client) -> None:
+    results = await asyncio.gather(*(_update(client, {"increment": 1}) for _ in range(200)))
+    assert all(status == 200 for status, _ in results)
+    assert await _state(client) == (200, "")
+    seqs = sorted(int(answer["seq"]) for _, answer in results)  # type: ignore[call-overload]
+    assert seqs == list(range(1, 201))
+    for _, answer in results:  # each change saw exactly the value before it
+        old, new = answer["old_state"], answer["new_state"]
+        assert new["counter"] == old["counter"] + 1  # type: ignore[index]
+
+
+async def test_every_change_is_in_the_outbox(client: Client, redis_url: str) -> None:
+    await _update(client, {"counter": 4, "message": "m"})
+    await _update(client, {"increment": -1})
+    connection = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        entries = await connection.xrange("{konnichiwa:dev}:audit")
+    finally:
+        await connection.aclose()
+    assert entries is not None
+    assert [entry_id for entry_id, _ in entries] == ["1-0", "2-0"]
+    second = entries[1][1]
+    assert second is not None
+    assert (second["old_counter"], second["new_counter"], second["update_type"]) == (
+        "4",
+        "3",
+        "increment",
+    )
+    assert (second["old_message"], second["new_message"]) == ("m", "m")

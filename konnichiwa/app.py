@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web, web_response
 
+from konnichiwa.audit import audit_writer_ctx
 from konnichiwa.auth import KeyRing, keyring
 from konnichiwa.errors import problem_middleware
 from konnichiwa.openapi import build_spec, openapi_document
@@ -28,6 +29,6 @@ def create_app(settings: Settings) -> web.Application:
         build_spec(routes_for(settings.service_name), settings.service_name)
     )
     setup_state(app)
-    app.cleanup_ctx.extend([redis_ctx, pg_ctx])
+    app.cleanup_ctx.extend([redis_ctx, pg_ctx, audit_writer_ctx])
     setup_routes(app, settings.service_name)
     return app

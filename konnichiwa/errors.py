@@ -9,9 +9,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+import asyncpg
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("konnichiwa")
 
@@ -96,6 +99,28 @@ def _from_http_exception(exc: web.HTTPException) -> web.Response:
     return Problem(exc.status, exc.reason, detail, headers=headers).response()
 
 
+# A store that is down, refuses, or does not answer in time: the request fails fast with a 503.
+DEPENDENCY_ERRORS: Final = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def _unavailable() -> web.Response:
+    return Problem(
+        503,
+        "Service Unavailable",
+        "A backing store is unavailable; nothing acknowledged was lost. Try again shortly.",
+        type="/problems/dependency-unavailable",
+        headers={"Retry-After": "2"},
+    ).response()
+
+
 def _internal_error() -> web.Response:
     return Problem(
         500,
@@ -114,6 +139,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
     except Problem as problem:
         response = problem.response()
+    except DEPENDENCY_ERRORS as exc:
+        log.warning("dependency failure on %s %s [%s]: %r", request.method, request.path, rid, exc)
+        response = _unavailable()
     except web.HTTPException as exc:
         if exc.status < 400:
             exc.headers[REQUEST_ID_HEADER] = rid

@@ -9,11 +9,13 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from konnichiwa import greeting, health, openapi, state
+from konnichiwa import audit, greeting, health, openapi, state
 from konnichiwa.auth import Scope, requires
 from konnichiwa.schemas import (
     Greeting,
     GreetingQuery,
+    LogsPage,
+    LogsQuery,
     Readiness,
     Status,
     UpdateRequest,
@@ -52,6 +54,9 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("POST", "/update", state.update, "Change the counter and/or the message", "state",
           scope="write", body=UpdateRequest,
           responses={200: UpdateResult, 409: "The increment would overflow the counter"}),
+    Route("GET", "/logs", audit.logs, "Audit log of state changes, newest first", "state",
+          query=LogsQuery,
+          responses={200: LogsPage, 503: "The audit log could not catch up in time"}),
     Route("GET", "/openapi.json", openapi.spec, "This OpenAPI document", "docs",
           responses={200: "OpenAPI 3.1 document"}),
     Route("GET", "/docs", openapi.docs, "Swagger UI", "docs",

@@ -76,6 +76,29 @@ class UpdateResult(msgspec.Struct):
     seq: Annotated[int, msgspec.Meta(description="Audit sequence number: the `id` in /logs")]
 
 
+class LogsQuery(msgspec.Struct, forbid_unknown_fields=True):
+    page: Annotated[int, msgspec.Meta(ge=1, description="1 is the newest page")] = 1
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100, description="entries per page")] = 10
+
+
+class AuditEntry(msgspec.Struct):
+    id: Annotated[int, msgspec.Meta(description="The change's sequence number (`seq`)")]
+    timestamp: str
+    old_counter: int
+    new_counter: int
+    old_message: str
+    new_message: str
+    update_type: Annotated[str, msgspec.Meta(examples=["counter", "increment, message"])]
+
+
+class LogsPage(msgspec.Struct):
+    logs: list[AuditEntry]
+    page: int
+    limit: int
+    total: int
+    total_pages: int
+
+
 class DependencyCheck(msgspec.Struct, omit_defaults=True):
     status: Literal["up", "down"]
     latency_ms: float

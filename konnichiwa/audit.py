@@ -1,0 +1,269 @@
+"""The audit log: a consumer moving outbox stream entries into Postgres, and `/logs` reading them.
+
+Delivery is at-least-once (XREADGROUP, XAUTOCLAIM of entries a dead consumer left pending) and
+the insert is idempotent (ON CONFLICT on the sequence number), so each change is exactly one row.
+Every batch also advances a watermark — all rows 1..upto are present — in the same transaction;
+it is mirrored into the Redis state hash as `persisted`, so `/logs` knows from one Redis round
+trip whether Postgres already holds every change acknowledged before it was asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, NamedTuple
+
+import asyncpg
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from konnichiwa.errors import Problem
+from konnichiwa.postgres import pg_pool
+from konnichiwa.redis_store import redis_client
+from konnichiwa.schemas import AuditEntry, LogsPage, LogsQuery, convert_query, json_response
+from konnichiwa.state import StateKeys, state_keys
+
+log = logging.getLogger("konnichiwa.audit")
+
+GROUP: Final = "audit-writers"
+BATCH_SIZE: Final = 1000
+BLOCK_MS: Final = 1000  # one XREADGROUP waits at most this long for new entries
+CLAIM_IDLE_MS: Final = 5000  # entries pending this long belong to a consumer that died
+CLAIM_EVERY: Final = 2.0
+RETRY_MAX_DELAY: Final = 2.0
+CATCH_UP_TIMEOUT: Final = 2.0  # /logs waits this long for Postgres, then answers 503
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+ADVANCE_PERSISTED: Final = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'persisted') or '0')
+if tonumber(ARGV[1]) > current then
+  redis.call('HSET', KEYS[1], 'persisted', ARGV[1])
+end
+return 1
+"""
+# After Redis lost its latest writes (a crash inside the AOF fsync second, a restore), carry on
+# from what Postgres already holds, so new changes never reuse a persisted sequence number.
+RECONCILE: Final = """
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if seq < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'persisted', ARGV[1],
+             'counter', ARGV[2], 'message', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+INSERT_BATCH: Final = """
+INSERT INTO audit_log
+    (seq, changed_at, old_counter, new_counter, old_message, new_message, update_type)
+SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[], $4::bigint[],
+                     $5::text[], $6::text[], $7::text[])
+ON CONFLICT (seq) DO NOTHING
+"""
+# The end of the gap-free run that starts right after the watermark (see the migration).
+ADVANCE_WATERMARK: Final = """
+UPDATE audit_watermark w SET upto = (
+    SELECT min(a.seq) FROM audit_log a
+    WHERE a.seq > w.upto
+      AND NOT EXISTS (SELECT 1 FROM audit_log b WHERE b.seq = a.seq + 1))
+WHERE EXISTS (SELECT 1 FROM audit_log WHERE seq = w.upto + 1)
+"""
+PAGE: Final = """
+SELECT seq, changed_at, old_counter, new_counter, old_message, new_message, update_type
+FROM audit_log WHERE seq <= $1 AND seq > $2 ORDER BY seq DESC
+"""
+
+
+class AuditEvent(NamedTuple):
+    seq: int
+    changed_at: datetime
+    old_counter: int
+    new_counter: int
+    old_message: str
+    new_message: str
+    update_type: str
+
+
+def parse_entry(fields: dict[bytes, bytes]) -> AuditEvent:
+    return AuditEvent(
+        int(fields[b"seq"]),
+        _EPOCH + timedelta(microseconds=int(fields[b"ts"])),
+        int(fields[b"old_counter"]),
+        int(fields[b"new_counter"]),
+        fields[b"old_message"].decode(),
+        fields[b"new_message"].decode(),
+        fields[b"update_type"].decode(),
+    )
+
+
+async def persist(pool: asyncpg.Pool, events: Sequence[AuditEvent]) -> int:
+    """Insert a batch (duplicates ignored) and return the watermark after it."""
+    columns = list(zip(*events, strict=True))
+    async with pool.acquire() as conn, conn.transaction():
+        # The row lock makes batches take turns, so each one sees every batch committed before it.
+        await conn.execute("SELECT upto FROM audit_watermark FOR UPDATE")
+        await conn.execute(INSERT_BATCH, *columns)
+        await conn.execute(ADVANCE_WATERMARK)
+        upto: int = await conn.fetchval("SELECT upto FROM audit_watermark")
+    return upto
+
+
+class AuditWriter:
+    """One worker's consumer in the group that drains the outbox stream into Postgres."""
+
+    def __init__(self, redis: Redis, pool: asyncpg.Pool, keys: StateKeys) -> None:
+        self.redis, self.pool, self.keys = redis, pool, keys
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.last_claim = 0.0
+
+    async def run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                events, ids = await self._next_batch()
+                if events:
+                    await self._store(events)
+                if ids:
+                    await self.redis.xack(self.keys.audit, GROUP, *ids)
+                delay = 0.1
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()  # the stream was deleted (e.g. Redis lost its data)
+            except (RedisError, OSError) as exc:
+                log.warning("audit consumer: Redis unavailable (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+
+    async def ensure_group(self) -> None:
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
+            await self.redis.xgroup_create(self.keys.audit, GROUP, id="0", mkstream=True)
+
+    async def _next_batch(self) -> tuple[list[AuditEvent], list[bytes]]:
+        if time.monotonic() - self.last_claim > CLAIM_EVERY:
+            self.last_claim = time.monotonic()
+            claimed = await self.redis.xautoclaim(
+                self.keys.audit, GROUP, self.name, CLAIM_IDLE_MS, "0-0", count=BATCH_SIZE
+            )
+            entries: list[Any] = claimed[1]
+            if entries:
+                log.info("audit consumer: claimed %d entries of a stopped consumer", len(entries))
+                return _decode(entries)
+        reply: Any = await self.redis.xreadgroup(  # RESP2: [[stream, [(id, fields)...]]]
+            GROUP, self.name, {self.keys.audit: ">"}, count=BATCH_SIZE, block=BLOCK_MS
+        )
+        return _decode(reply[0][1]) if reply else ([], [])
+
+    async def _store(self, events: list[AuditEvent]) -> None:
+        """Persist until it works: the entries stay pending (and safe in Redis) meanwhile."""
+        delay = 0.1
+        while True:
+            try:
+                upto = await persist(self.pool, events)
+                break
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                log.warning("audit consumer: Postgres unavailable (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+        await self.redis.eval(ADVANCE_PERSISTED, 1, self.keys.state, str(upto))
+        await self.redis.xtrim(self.keys.audit, minid=str(upto + 1), approximate=True)
+
+
+def _decode(entries: list[Any]) -> tuple[list[AuditEvent], list[bytes]]:
+    ids = [entry_id for entry_id, _ in entries]
+    return [parse_entry(fields) for _, fields in entries if fields], ids
+
+
+async def reconcile(redis: Redis, pool: asyncpg.Pool, keys: StateKeys) -> None:
+    """Make sure Redis is not behind Postgres; restore the state from the last audit row if so."""
+    row = await pool.fetchrow(
+        "SELECT a.seq, a.new_counter, a.new_message FROM audit_watermark w "
+        "JOIN audit_log a ON a.seq = w.upto"
+    )
+    if row is None:
+        return
+    if await redis.eval(
+        RECONCILE, 1, keys.state, row["seq"], row["new_counter"], row["new_message"]
+    ):
+        log.error("Redis was behind the audit log; state restored from change %d", row["seq"])
+
+
+async def audit_writer_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run this worker's outbox consumer for as long as the worker serves."""
+    writer = AuditWriter(app[redis_client], app[pg_pool], app[state_keys])
+    await reconcile(writer.redis, writer.pool, writer.keys)
+    await writer.ensure_group()
+    task = asyncio.create_task(writer.run(), name="audit-writer")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+class Progress(NamedTuple):
+    head: int  # the newest change's sequence number
+    persisted: int  # every change up to here is in Postgres
+
+
+async def progress(redis: Redis, keys: StateKeys) -> Progress:
+    head, persisted = await redis.hmget(keys.state, ["seq", "persisted"])
+    return Progress(int(head or 0), int(persisted or 0))
+
+
+async def caught_up(redis: Redis, keys: StateKeys) -> int:
+    """Wait until Postgres holds every change made so far; the watermark, or a 503 problem."""
+    target, persisted = await progress(redis, keys)
+    deadline = time.monotonic() + CATCH_UP_TIMEOUT
+    pause = 0.001
+    while persisted < target:
+        if time.monotonic() > deadline:
+            raise Problem(
+                503,
+                "Service Unavailable",
+                f"The audit log is {target - persisted} change(s) behind; try again shortly.",
+                type="/problems/audit-catching-up",
+                headers={"Retry-After": "2"},
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+        persisted = (await progress(redis, keys)).persisted
+    return persisted
+
+
+async def read_page(pool: asyncpg.Pool, upto: int, page: int, limit: int) -> list[AuditEntry]:
+    """One page, newest first: a range scan on the dense sequence, no OFFSET, no count(*)."""
+    high = upto - (page - 1) * limit
+    if high <= 0:
+        return []
+    rows = await pool.fetch(PAGE, high, max(0, high - limit), timeout=CATCH_UP_TIMEOUT)
+    return [
+        AuditEntry(
+            id=row["seq"],
+            timestamp=row["changed_at"].isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            old_counter=row["old_counter"],
+            new_counter=row["new_counter"],
+            old_message=row["old_message"],
+            new_message=row["new_message"],
+            update_type=row["update_type"],
+        )
+        for row in rows
+    ]
+
+
+async def logs(request: web.Request) -> web.Response:
+    """The audit log, newest first; includes every change acknowledged before this request."""
+    query = convert_query(dict(request.query), LogsQuery)
+    app = request.app
+    upto = await caught_up(app[redis_client], app[state_keys])
+    entries = await read_page(app[pg_pool], upto, query.page, query.limit)
+    return json_response(
+        LogsPage(entries, query.page, query.limit, upto, math.ceil(upto / query.limit))
+    )

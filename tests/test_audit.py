@@ -1,0 +1,137 @@
+"""Audit log: `/logs` paging, read-your-writes, and the outbox consumer's exactly-once rows."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import aiohttp
+import asyncpg
+import pytest
+
+from konnichiwa.audit import AuditEvent, persist
+from tests.support import FULL_AUTH, Client
+
+
+async def _update(client: Client, body: dict[str, object]) -> dict[str, object]:
+    response = await client.post("/update", json=body, headers=FULL_AUTH)
+    assert response.status == 200
+    answer: dict[str, object] = await response.json()
+    return answer
+
+
+async def _logs(client: Client, **params: object) -> dict[str, object]:
+    response = await client.get("/logs", params={k: str(v) for k, v in params.items()})
+    assert response.status == 200, await response.text()
+    body: dict[str, object] = await response.json()
+    return body
+
+
+async def test_empty_log(client: Client) -> None:
+    assert await _logs(client) == {
+        "logs": [],
+        "page": 1,
+        "limit": 10,
+        "total": 0,
+        "total_pages": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("page", "limit", "ids", "total_pages"),
+    [
+        (1, 10, list(range(25, 15, -1)), 3),
+        (2, 10, list(range(15, 5, -1)), 3),
+        (3, 10, [5, 4, 3, 2, 1], 3),
+        (4, 10, [], 3),
+        (100, 10, [], 3),
+        (1, 1, [25], 25),
+        (25, 1, [1], 25),
+        (1, 100, list(range(25, 0, -1)), 1),
+        (2, 24, [1], 2),
+    ],
+)
+async def test_paging(
+    client: Client, page: int, limit: int, ids: list[int], total_pages: int
+) -> None:
+    for _ in range(25):
+        await _update(client, {"increment": 1})
+    body = await _logs(client, page=page, limit=limit)
+    assert [entry["id"] for entry in body["logs"]] == ids  # type: ignore[attr-defined]
+    assert (body["page"], body["limit"], body["total"], body["total_pages"]) == (
+        page,
+        limit,
+        25,
+        total_pages,
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"page": "0"},
+        {"page": "-1"},
+        {"page": "one"},
+        {"page": "1.5"},
+        {"limit": "0"},
+        {"limit": "101"},
+        {"limit": "ten"},
+        {"limit": ""},
+        {"size": "10"},
+    ],
+)
+async def test_bad_paging_parameters(client: Client, params: dict[str, str]) -> None:
+    response = await client.get("/logs", params=params)
+    assert response.status == 422
+    body = await response.json()
+    assert body["errors"][0]["field"] == next(iter(params))
+
+
+async def test_entries_describe_each_change(client: Client) -> None:
+    await _update(client, {"counter": 10})
+    await _update(client, {"message": "hi"})
+    await _update(client, {"counter": 3, "message": "yo"})
+    await _update(client, {"increment": -4, "message": "z"})
+    logs = (await _logs(client))["logs"]
+    assert [(e["update_type"], e["old_counter"], e["new_counter"]) for e in logs] == [  # type: ignore[attr-defined]
+        ("increment, message", 3, -1),
+        ("counter, message", 10, 3),
+        ("message", 10, 10),
+        ("counter", 0, 10),
+    ]
+    assert [(e["old_message"], e["new_message"]) for e in logs] == [  # type: ignore[attr-defined]
+        ("yo", "z"),
+        ("hi", "yo"),
+        ("", "hi"),
+        ("", ""),
+    ]
+    for entry in logs:  # type: ignore[attr-defined]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", entry["timestamp"])
+
+
+async def test_read_your_writes_from_another_connection(client: Client) -> None:
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as other:
+        for n in range(1, 201):
+            answer = await _update(client, {"counter": n, "message": f"m{n}"})
+            async with other.get(client.make_url("/logs"), params={"limit": "1"}) as response:
+                assert response.status == 200
+                body = await response.json()
+            assert body["total"] == n
+            assert body["logs"][0]["id"] == answer["seq"] == n
+            assert body["logs"][0]["new_message"] == f"m{n}"
+
+
+def _event(seq: int) -> AuditEvent:
+    return AuditEvent(seq, datetime.now(UTC), seq - 1, seq, "", "", "increment")
+
+
+async def test_redelivered_batches_make_no_duplicates(database_url: str) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        assert await persist(pool, [_event(s) for s in (1, 2, 3)]) == 3
+        assert await persist(pool, [_event(s) for s in (5, 6)]) == 3  # 4 missing: no advance
+        assert await persist(pool, [_event(s) for s in (2, 3, 4)]) == 6  # redelivery + the gap
+        assert await pool.fetchval("SELECT count(*) FROM audit_log") == 6
+    finally:
+        await pool.close()

@@ -89,6 +89,7 @@ class KeyRing:
 
 
 keyring = web.AppKey("keyring", KeyRing)
+api_key = web.RequestKey("api_key", ApiKey)  # the key a protected request was admitted with
 
 UNAUTHORIZED: Final = Problem(
     401,
@@ -126,7 +127,7 @@ def requires(scope: Scope) -> Callable[[Handler], Handler]:
 
     def wrap(handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            authorize(request, scope)
+            request[api_key] = authorize(request, scope)
             return await handler(request)
 
         guarded.__doc__ = handler.__doc__

@@ -17,6 +17,11 @@ CONNECT_TIMEOUT: Final = 2.0
 COMMAND_TIMEOUT: Final = 5.0
 
 
+def key_prefix(environment: str) -> str:
+    """Every key starts with one hash tag per environment: one Redis Cluster slot for all."""
+    return f"{{konnichiwa:{environment}}}"
+
+
 def connect(url: str) -> Redis:
     """A client whose pool waits (bounded) for a free connection instead of failing at once."""
     pool = BlockingConnectionPool.from_url(

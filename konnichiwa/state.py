@@ -17,13 +17,15 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from konnichiwa.errors import FieldError, Problem, validation_problem
-from konnichiwa.redis_store import redis_client
+from konnichiwa.idempotency import idempotent
+from konnichiwa.redis_store import key_prefix, redis_client
 from konnichiwa.schemas import (
     State,
     Status,
     UpdateRequest,
     UpdateResult,
     decode_body,
+    encode,
     json_response,
 )
 from konnichiwa.settings import settings_key
@@ -61,9 +63,8 @@ class StateKeys:
     """Key names, namespaced by environment; one hash tag keeps them in one Redis Cluster slot."""
 
     def __init__(self, environment: str) -> None:
-        tag = f"{{konnichiwa:{environment}}}"
-        self.state = f"{tag}:state"
-        self.audit = f"{tag}:audit"
+        self.state = f"{key_prefix(environment)}:state"
+        self.audit = f"{key_prefix(environment)}:audit"
 
 
 state_keys = web.AppKey("state_keys", StateKeys)
@@ -151,7 +152,11 @@ async def update(request: web.Request) -> web.Response:
     """Change the counter (set or increment) and/or the message, atomically."""
     body = await decode_body(request, UpdateRequest)
     app = request.app
-    return json_response(await apply_update(app[redis_client], app[state_keys], body))
+
+    async def apply() -> web.Response:
+        return json_response(await apply_update(app[redis_client], app[state_keys], body))
+
+    return await idempotent(request, encode(body), apply)
 
 
 def setup_state(app: web.Application) -> None:

@@ -1,0 +1,105 @@
+"""Idempotency-Key on POST /update: replay, different body, concurrent duplicates, per API key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis.asyncio
+
+from konnichiwa.auth import SCOPES, ApiKey, keyring
+from tests.support import FULL_AUTH, FULL_KEY, Client
+
+OTHER_KEY = "another-client-key-0123456789"
+
+
+async def _post(
+    client: Client, body: object, key: str | None, auth: dict[str, str] = FULL_AUTH
+) -> tuple[int, dict[str, str], bytes]:
+    headers = {**auth, "Content-Type": "application/json"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = await client.post("/update", data=data, headers=headers)
+    return response.status, dict(response.headers), await response.read()
+
+
+async def _counter(client: Client) -> int:
+    counter: int = (await (await client.get("/status")).json())["counter"]
+    return counter
+
+
+async def test_same_key_same_body_replays(client: Client) -> None:
+    first = await _post(client, {"increment": 5}, "key-1")
+    second = await _post(client, '{ "increment" : 5 }', "key-1")  # the same body, spelled apart
+    assert first[0] == second[0] == 200
+    assert "Idempotent-Replayed" not in first[1]
+    assert second[1]["Idempotent-Replayed"] == "true"
+    assert second[2] == first[2]
+    assert await _counter(client) == 5
+
+
+async def test_same_key_other_body_is_refused(client: Client) -> None:
+    await _post(client, {"increment": 5}, "key-2")
+    status, _, body = await _post(client, {"increment": 6}, "key-2")
+    assert status == 422
+    assert json.loads(body)["type"] == "/problems/idempotency-key-reused"
+    assert await _counter(client) == 5
+
+
+async def test_without_a_key_every_request_applies(client: Client) -> None:
+    await _post(client, {"increment": 1}, None)
+    await _post(client, {"increment": 1}, None)
+    assert await _counter(client) == 2
+
+
+async def test_concurrent_duplicates_apply_once(client: Client) -> None:
+    results = await asyncio.gather(*(_post(client, {"increment": 1}, "burst") for _ in range(50)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 409}
+    applied = [r for r in results if r[0] == 200 and "Idempotent-Replayed" not in r[1]]
+    assert len(applied) == 1
+    assert await _counter(client) == 1
+    logs = await (await client.get("/logs")).json()
+    assert logs["total"] == 1
+    in_use = [json.loads(body)["type"] for status, _, body in results if status == 409]
+    assert set(in_use) <= {"/problems/idempotency-key-in-use"}
+
+
+async def test_keys_belong_to_one_api_key(client: Client) -> None:
+    client.app[keyring].replace([ApiKey(FULL_KEY, SCOPES), ApiKey(OTHER_KEY, SCOPES)])
+    await _post(client, {"increment": 1}, "shared-name")
+    status, headers, _ = await _post(
+        client, {"increment": 1}, "shared-name", {"X-API-Key": OTHER_KEY}
+    )
+    assert status == 200
+    assert "Idempotent-Replayed" not in headers
+    assert await _counter(client) == 2
+
+
+async def test_a_failed_request_releases_its_key(client: Client) -> None:
+    await _post(client, {"counter": 2**63 - 1}, None)
+    assert (await _post(client, {"increment": 1}, "retry-me"))[0] == 409
+    status, headers, _ = await _post(client, {"increment": 1}, "retry-me")
+    assert status == 409  # run again, not replayed: failures are never kept
+    assert "Idempotent-Replayed" not in headers
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 256, "naïve"])
+async def test_malformed_keys(client: Client, key: str) -> None:
+    status, _, body = await _post(client, {"increment": 1}, key)
+    assert status == 422
+    assert json.loads(body)["errors"][0]["field"] == "Idempotency-Key"
+    assert await _counter(client) == 0
+
+
+async def test_answers_are_kept_for_a_day(client: Client, redis_url: str) -> None:
+    await _post(client, {"increment": 1}, "kept")
+    connection = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        keys = await connection.keys("{konnichiwa:dev}:idem:*")
+        assert len(keys) == 1
+        assert 86000 < await connection.ttl(keys[0]) <= 86400
+    finally:
+        await connection.aclose()

@@ -28,7 +28,14 @@ from redis.exceptions import RedisError, ResponseError
 from konnichiwa.errors import Problem
 from konnichiwa.postgres import pg_pool
 from konnichiwa.redis_store import redis_client
-from konnichiwa.schemas import AuditEntry, LogsPage, LogsQuery, convert_query, json_response
+from konnichiwa.schemas import (
+    AuditBacklog,
+    AuditEntry,
+    LogsPage,
+    LogsQuery,
+    convert_query,
+    json_response,
+)
 from konnichiwa.state import StateKeys, state_keys
 
 log = logging.getLogger("konnichiwa.audit")
@@ -216,6 +223,16 @@ class Progress(NamedTuple):
 async def progress(redis: Redis, keys: StateKeys) -> Progress:
     head, persisted = await redis.hmget(keys.state, ["seq", "persisted"])
     return Progress(int(head or 0), int(persisted or 0))
+
+
+async def audit_backlog(redis: Redis, keys: StateKeys) -> AuditBacklog:
+    head, persisted = await progress(redis, keys)
+    if head <= persisted:
+        return AuditBacklog(0, 0.0)
+    oldest: Any = await redis.xrange(keys.audit, min=f"{persisted + 1}-0", count=1)
+    written = parse_entry(oldest[0][1]).changed_at if oldest else datetime.now(UTC)
+    age = (datetime.now(UTC) - written).total_seconds()
+    return AuditBacklog(head - persisted, round(max(age, 0.0), 3))
 
 
 async def caught_up(redis: Redis, keys: StateKeys) -> int:

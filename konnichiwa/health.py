@@ -9,13 +9,18 @@ from typing import Final
 
 from aiohttp import web
 
+from konnichiwa.audit import audit_backlog
 from konnichiwa.errors import Problem
 from konnichiwa.postgres import pg_pool
 from konnichiwa.redis_store import redis_client
 from konnichiwa.schemas import DependencyCheck, Readiness, json_response
+from konnichiwa.state import state_keys
 
 # Both checks run at once, so the probe answers within about this long even if a server hangs.
 CHECK_TIMEOUT: Final = 0.8
+# Postgres lagging this far behind is worth an operator's look, not a reason to stop traffic:
+# updates keep succeeding into the outbox while it catches up.
+DEGRADED_AFTER: Final = 10.0
 
 
 async def health(request: web.Request) -> web.Response:
@@ -66,4 +71,6 @@ async def ready(request: web.Request) -> web.Response:
             headers={"Retry-After": "5"},
             extensions={"checks": checks},
         )
-    return json_response(Readiness("ready", checks))
+    backlog = await audit_backlog(app[redis_client], app[state_keys])
+    degraded = backlog.oldest_age_seconds > DEGRADED_AFTER
+    return json_response(Readiness("degraded" if degraded else "ready", checks, backlog))

@@ -105,9 +105,17 @@ class DependencyCheck(msgspec.Struct, omit_defaults=True):
     detail: str | None = None
 
 
+class AuditBacklog(msgspec.Struct):
+    """Changes acknowledged but not yet in Postgres, and how long the oldest has waited."""
+
+    entries: int
+    oldest_age_seconds: float
+
+
 class Readiness(msgspec.Struct):
     status: Literal["ready", "degraded"]
     checks: dict[str, DependencyCheck]
+    audit_backlog: AuditBacklog
 
 
 _AT_PATH: Final = re.compile(r"^(?P<message>.*?) - at `\$\.?(?P<path>[^`]*)`$")

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.synchronize import Event
@@ -34,6 +38,8 @@ START_SECONDS: Final = 60.0  # how long a worker may take to open its pools and 
 MAX_RESTART_DELAY: Final = 30.0
 STABLE_SECONDS: Final = 10.0  # a worker that lived this long resets the restart back-off
 
+PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
+
 _spawn = multiprocessing.get_context("spawn")
 
 
@@ -46,9 +52,20 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def run_worker(settings: Settings, ready: Event) -> None:
+def _stop_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM when the supervisor dies, even by SIGKILL (Linux)."""
+    libc_name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or libc_name is None:
+        return
+    ctypes.CDLL(libc_name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_worker(settings: Settings, ready: Event, parent: int) -> None:
     """A worker process: serve until SIGTERM or SIGINT, then drain and close the pools."""
     configure_logging(settings)
+    _stop_with_parent(parent)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(_serve(settings, ready))
 
@@ -75,12 +92,21 @@ async def _serve(settings: Settings, ready: Event) -> None:
         await runner.cleanup()
 
 
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    process: multiprocessing.process.BaseProcess
+    # Held for the worker's life: the child opens this semaphore by name while it starts, and
+    # the parent's last reference going away would unlink it.
+    ready: Event
+    started: float
+
+
 class Supervisor:
     """Starts the workers, replaces any that die, and stops them all on a signal."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.workers: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
+        self.workers: dict[int, Worker] = {}
         self.stopping = False
         self.restart_delay = 1.0
 
@@ -104,20 +130,23 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
 
-    def _spawn_worker(self) -> tuple[multiprocessing.process.BaseProcess, Event]:
+    def _spawn_worker(self) -> Worker:
         ready = _spawn.Event()
-        process = _spawn.Process(target=run_worker, args=(self.settings, ready), daemon=False)
+        process = _spawn.Process(
+            target=run_worker, args=(self.settings, ready, os.getpid()), daemon=False
+        )
         process.start()
         assert process.pid is not None  # noqa: S101  (set by start())
-        self.workers[process.pid] = (process, time.monotonic())
-        return process, ready
+        worker = self.workers[process.pid] = Worker(process, ready, time.monotonic())
+        return worker
 
     def _start_all(self) -> bool:
         """Start every worker and wait until all listen; False if one failed to start."""
         started = [self._spawn_worker() for _ in range(self.settings.workers)]
         deadline = time.monotonic() + START_SECONDS
-        for process, ready in started:
-            while not ready.wait(0.1):
+        for worker in started:
+            process = worker.process
+            while not worker.ready.wait(0.1):
                 if self.stopping:
                     return True
                 if not process.is_alive():
@@ -133,17 +162,17 @@ class Supervisor:
         return True
 
     def _replace_dead(self) -> None:
-        sentinels = [process.sentinel for process, _ in self.workers.values()]
+        sentinels = [worker.process.sentinel for worker in self.workers.values()]
         multiprocessing.connection.wait(sentinels, timeout=0.5)
-        for pid, (process, started) in list(self.workers.items()):
-            if process.is_alive() or self.stopping:
+        for pid, worker in list(self.workers.items()):
+            if worker.process.is_alive() or self.stopping:
                 continue
             del self.workers[pid]
-            lived = time.monotonic() - started
+            lived = time.monotonic() - worker.started
             self.restart_delay = 1.0 if lived > STABLE_SECONDS else self.restart_delay
             log.error(
                 "worker %s exited with code %s after %.1f s; starting a new one in %.0f s",
-                pid, process.exitcode, lived, self.restart_delay,
+                pid, worker.process.exitcode, lived, self.restart_delay,
             )  # fmt: skip
             self._sleep_unless_stopping(self.restart_delay)
             self.restart_delay = min(self.restart_delay * 2, MAX_RESTART_DELAY)
@@ -156,12 +185,13 @@ class Supervisor:
             time.sleep(0.1)
 
     def _stop_all(self) -> None:
-        for process, _ in self.workers.values():
-            if process.pid is not None and process.is_alive():
+        for pid, worker in self.workers.items():
+            if worker.process.is_alive():
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGTERM)
+                    os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_SECONDS
-        for process, _ in self.workers.values():
+        for worker in self.workers.values():
+            process = worker.process
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 log.error("worker %s did not stop in time; killing it", process.pid)

@@ -121,8 +121,7 @@ def running_service(log_path: Path, env: Mapping[str, str], *args: str) -> Itera
         yield service
     finally:
         if service.process.poll() is None:
-            service.process.kill()
-            service.process.wait()
+            service.stop()
 
 
 @contextlib.contextmanager

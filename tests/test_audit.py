@@ -8,8 +8,11 @@ from datetime import UTC, datetime
 import aiohttp
 import asyncpg
 import pytest
+import redis.asyncio
 
-from konnichiwa.audit import AuditEvent, persist
+from konnichiwa.audit import AuditEvent, audit_backlog, persist
+from konnichiwa.schemas import AuditBacklog, UpdateRequest
+from konnichiwa.state import StateKeys, apply_update
 from tests.support import FULL_AUTH, Client
 
 
@@ -135,3 +138,25 @@ async def test_redelivered_batches_make_no_duplicates(database_url: str) -> None
         assert await pool.fetchval("SELECT count(*) FROM audit_log") == 6
     finally:
         await pool.close()
+
+
+async def test_backlog_counts_changes_not_yet_persisted(redis_url: str) -> None:
+    connection = redis.asyncio.Redis.from_url(redis_url)
+    keys = StateKeys("dev")
+    try:
+        assert await audit_backlog(connection, keys) == AuditBacklog(0, 0.0)
+        for _ in range(3):  # no consumer runs here: the changes wait in the outbox
+            await apply_update(connection, keys, UpdateRequest(increment=1))
+        backlog = await audit_backlog(connection, keys)
+    finally:
+        await connection.aclose()
+    assert backlog.entries == 3
+    assert 0 <= backlog.oldest_age_seconds < 5
+
+
+async def test_readiness_reports_the_backlog(client: Client) -> None:
+    await _update(client, {"increment": 1})
+    await _logs(client)  # waits until the change is in Postgres
+    body = await (await client.get("/health/ready")).json()
+    assert body["status"] == "ready"
+    assert body["audit_backlog"] == {"entries": 0, "oldest_age_seconds": 0.0}

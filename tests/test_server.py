@@ -159,3 +159,16 @@ def test_a_crashed_worker_is_replaced(tmp_path: Path, redis_url: str, database_u
 
 def _serving(service: ServiceProcess) -> bool:
     return all(http_get(service.url + "/health")[0] == 200 for _ in range(10))
+
+
+def test_workers_never_outlive_the_supervisor(
+    tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url}
+    with running_service(tmp_path / "serve.log", environment, "--workers", "2") as service:
+        workers = service.workers()
+        service.process.kill()  # SIGKILL: the supervisor gets no chance to stop anyone
+        service.process.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=25)
+    assert alive == []
+    assert len(gone) == 2

@@ -46,7 +46,8 @@ BLOCK_MS: Final = 1000  # one XREADGROUP waits at most this long for new entries
 CLAIM_IDLE_MS: Final = 5000  # entries pending this long belong to a consumer that died
 CLAIM_EVERY: Final = 2.0
 RETRY_MAX_DELAY: Final = 2.0
-CATCH_UP_TIMEOUT: Final = 2.0  # /logs waits this long for Postgres, then answers 503
+CATCH_UP_TIMEOUT: Final = 2.0
+SLOW_BATCH_SECONDS: Final = 0.5  # /logs waits this long for Postgres, then answers 503
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 ADVANCE_PERSISTED: Final = """
@@ -132,6 +133,7 @@ class AuditWriter:
         self.last_claim = 0.0
 
     async def run(self) -> None:
+        """Move batches until cancelled; no failure stops it, it only waits and retries."""
         delay = 0.1
         while True:
             try:
@@ -141,14 +143,19 @@ class AuditWriter:
                 if ids:
                     await self.redis.xack(self.keys.audit, GROUP, *ids)
                 delay = 0.1
+                continue
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self.ensure_group()  # the stream was deleted (e.g. Redis lost its data)
+                if "NOGROUP" in str(exc):  # the stream was deleted (e.g. Redis lost its data)
+                    await reconcile(self.redis, self.pool, self.keys)
+                    await self.ensure_group()
+                    continue
+                log.error("audit consumer: Redis refused a command: %s", exc)
             except (RedisError, OSError) as exc:
                 log.warning("audit consumer: Redis unavailable (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY)
+            except Exception:
+                log.exception("audit consumer: unexpected failure; retrying")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY)
 
     async def ensure_group(self) -> None:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
@@ -157,6 +164,7 @@ class AuditWriter:
     async def _next_batch(self) -> tuple[list[AuditEvent], list[bytes]]:
         if time.monotonic() - self.last_claim > CLAIM_EVERY:
             self.last_claim = time.monotonic()
+            await reconcile(self.redis, self.pool, self.keys)  # Redis may have failed over
             claimed = await self.redis.xautoclaim(
                 self.keys.audit, GROUP, self.name, CLAIM_IDLE_MS, "0-0", count=BATCH_SIZE
             )
@@ -172,6 +180,7 @@ class AuditWriter:
     async def _store(self, events: list[AuditEvent]) -> None:
         """Persist until it works: the entries stay pending (and safe in Redis) meanwhile."""
         delay = 0.1
+        started = time.monotonic()
         while True:
             try:
                 upto = await persist(self.pool, events)
@@ -180,6 +189,8 @@ class AuditWriter:
                 log.warning("audit consumer: Postgres unavailable (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY)
+        if (took := time.monotonic() - started) > SLOW_BATCH_SECONDS:
+            log.warning("audit consumer: %d entries took %.2f s to persist", len(events), took)
         await self.redis.eval(ADVANCE_PERSISTED, 1, self.keys.state, str(upto))
         await self.redis.xtrim(self.keys.audit, minid=str(upto + 1), approximate=True)
 

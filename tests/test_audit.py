@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import UTC, datetime
 
@@ -160,3 +161,22 @@ async def test_readiness_reports_the_backlog(client: Client) -> None:
     body = await (await client.get("/health/ready")).json()
     assert body["status"] == "ready"
     assert body["audit_backlog"] == {"entries": 0, "oldest_age_seconds": 0.0}
+
+
+async def test_a_redis_that_lost_data_resumes_after_the_audit_log(
+    client: Client, redis_url: str
+) -> None:
+    for n in range(1, 4):
+        await _update(client, {"counter": n * 10, "message": f"v{n}"})
+    await _logs(client)
+    connection = redis.asyncio.Redis.from_url(redis_url)
+    await connection.flushdb()  # as if Redis came back empty
+    await connection.aclose()
+    for _ in range(100):  # the consumers notice within their 2 s claim cycle
+        if (await (await client.get("/status")).json())["counter"] == 30:
+            break
+        await asyncio.sleep(0.05)
+    answer = await _update(client, {"increment": 1})
+    assert answer["seq"] == 4
+    assert answer["old_state"] == {"counter": 30, "message": "v3"}
+    assert (await _logs(client))["total"] == 4

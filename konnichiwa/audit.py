@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import socket
 import time
@@ -32,9 +31,10 @@ from konnichiwa.schemas import (
     AuditBacklog,
     AuditEntry,
     LogsPage,
-    LogsQuery,
+    PageQuery,
     convert_query,
     json_response,
+    rfc3339,
 )
 from konnichiwa.state import StateKeys, state_keys
 
@@ -266,16 +266,16 @@ async def caught_up(redis: Redis, keys: StateKeys) -> int:
     return persisted
 
 
-async def read_page(pool: asyncpg.Pool, upto: int, page: int, limit: int) -> list[AuditEntry]:
+async def read_page(pool: asyncpg.Pool, upto: int, query: PageQuery) -> list[AuditEntry]:
     """One page, newest first: a range scan on the dense sequence, no OFFSET, no count(*)."""
-    high = upto - (page - 1) * limit
-    if high <= 0:
+    high, low = query.bounds(upto)
+    if high == 0:
         return []
-    rows = await pool.fetch(PAGE, high, max(0, high - limit), timeout=CATCH_UP_TIMEOUT)
+    rows = await pool.fetch(PAGE, high, low, timeout=CATCH_UP_TIMEOUT)
     return [
         AuditEntry(
             id=row["seq"],
-            timestamp=row["changed_at"].isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            timestamp=rfc3339(row["changed_at"]),
             old_counter=row["old_counter"],
             new_counter=row["new_counter"],
             old_message=row["old_message"],
@@ -288,10 +288,8 @@ async def read_page(pool: asyncpg.Pool, upto: int, page: int, limit: int) -> lis
 
 async def logs(request: web.Request) -> web.Response:
     """The audit log, newest first; includes every change acknowledged before this request."""
-    query = convert_query(dict(request.query), LogsQuery)
+    query = convert_query(dict(request.query), PageQuery)
     app = request.app
     upto = await caught_up(app[redis_client], app[state_keys])
-    entries = await read_page(app[pg_pool], upto, query.page, query.limit)
-    return json_response(
-        LogsPage(entries, query.page, query.limit, upto, math.ceil(upto / query.limit))
-    )
+    entries = await read_page(app[pg_pool], upto, query)
+    return json_response(LogsPage(entries, query.page, query.limit, upto, query.pages(upto)))

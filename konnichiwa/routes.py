@@ -9,17 +9,20 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from konnichiwa import audit, greeting, health, openapi, state
+from konnichiwa import audit, greeting, health, openapi, state, users
 from konnichiwa.auth import Scope, requires
 from konnichiwa.schemas import (
     Greeting,
     GreetingQuery,
     LogsPage,
-    LogsQuery,
+    NewUser,
+    PageQuery,
     Readiness,
     Status,
     UpdateRequest,
     UpdateResult,
+    User,
+    UsersPage,
 )
 from konnichiwa.settings import ServiceName
 
@@ -55,8 +58,18 @@ ROUTES: Final[tuple[Route, ...]] = (
           scope="write", body=UpdateRequest,
           responses={200: UpdateResult, 409: "The increment would overflow the counter"}),
     Route("GET", "/logs", audit.logs, "Audit log of state changes, newest first", "state",
-          query=LogsQuery,
+          query=PageQuery,
           responses={200: LogsPage, 503: "The audit log could not catch up in time"}),
+    Route("POST", "/user", users.create, "Register a user", "users",
+          scope="write", body=NewUser,
+          responses={201: User, 409: "A user with this email exists"}),
+    Route("POST", "/users", users.create, "Register a user (same as POST /user)", "users",
+          scope="write", body=NewUser,
+          responses={201: User, 409: "A user with this email exists"}),
+    Route("GET", "/users", users.index, "List users, newest first", "users",
+          scope="read", query=PageQuery, responses={200: UsersPage}),
+    Route("GET", "/users/{id}", users.show, "One user", "users",
+          scope="read", responses={200: User, 404: "No such user"}),
     Route("GET", "/openapi.json", openapi.spec, "This OpenAPI document", "docs",
           responses={200: "OpenAPI 3.1 document"}),
     Route("GET", "/docs", openapi.docs, "Swagger UI", "docs",

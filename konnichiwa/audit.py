@@ -24,19 +24,21 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from konnichiwa.coalesce import CoalescedRead, Memo
 from konnichiwa.errors import Problem
 from konnichiwa.postgres import pg_pool
-from konnichiwa.redis_store import redis_client
+from konnichiwa.redis_store import LuaScript, redis_client
 from konnichiwa.schemas import (
     AuditBacklog,
     AuditEntry,
     LogsPage,
     PageQuery,
     convert_query,
+    encode,
     json_response,
     rfc3339,
 )
-from konnichiwa.state import StateKeys, state_keys
+from konnichiwa.state import Snapshot, StateKeys, read_snapshot, snapshots, state_keys
 
 log = logging.getLogger("konnichiwa.audit")
 
@@ -47,19 +49,20 @@ CLAIM_IDLE_MS: Final = 5000  # entries pending this long belong to a consumer th
 CLAIM_EVERY: Final = 2.0
 RETRY_MAX_DELAY: Final = 2.0
 CATCH_UP_TIMEOUT: Final = 2.0
-SLOW_BATCH_SECONDS: Final = 0.5  # /logs waits this long for Postgres, then answers 503
+SLOW_BATCH_SECONDS: Final = 0.5
+LOG_PAGES_KEPT: Final = 256  # /logs waits this long for Postgres, then answers 503
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
-ADVANCE_PERSISTED: Final = """
+ADVANCE_PERSISTED: Final = LuaScript("""
 local current = tonumber(redis.call('HGET', KEYS[1], 'persisted') or '0')
 if tonumber(ARGV[1]) > current then
   redis.call('HSET', KEYS[1], 'persisted', ARGV[1])
 end
 return 1
-"""
+""")
 # After Redis lost its latest writes (a crash inside the AOF fsync second, a restore), carry on
 # from what Postgres already holds, so new changes never reuse a persisted sequence number.
-RECONCILE: Final = """
+RECONCILE: Final = LuaScript("""
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if seq < tonumber(ARGV[1]) then
   redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'persisted', ARGV[1],
@@ -67,7 +70,7 @@ if seq < tonumber(ARGV[1]) then
   return 1
 end
 return 0
-"""
+""")
 
 INSERT_BATCH: Final = """
 INSERT INTO audit_log
@@ -191,7 +194,7 @@ class AuditWriter:
                 delay = min(delay * 2, RETRY_MAX_DELAY)
         if (took := time.monotonic() - started) > SLOW_BATCH_SECONDS:
             log.warning("audit consumer: %d entries took %.2f s to persist", len(events), took)
-        await self.redis.eval(ADVANCE_PERSISTED, 1, self.keys.state, str(upto))
+        await ADVANCE_PERSISTED(self.redis.execute_command, (self.keys.state,), upto)
         await self.redis.xtrim(self.keys.audit, minid=str(upto + 1), approximate=True)
 
 
@@ -208,14 +211,15 @@ async def reconcile(redis: Redis, pool: asyncpg.Pool, keys: StateKeys) -> None:
     )
     if row is None:
         return
-    if await redis.eval(
-        RECONCILE, 1, keys.state, row["seq"], row["new_counter"], row["new_message"]
+    if await RECONCILE(
+        redis.execute_command, (keys.state,), row["seq"], row["new_counter"], row["new_message"]
     ):
         log.error("Redis was behind the audit log; state restored from change %d", row["seq"])
 
 
 async def audit_writer_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run this worker's outbox consumer for as long as the worker serves."""
+    app[log_pages] = Memo(LOG_PAGES_KEPT)
     writer = AuditWriter(app[redis_client], app[pg_pool], app[state_keys])
     await reconcile(writer.redis, writer.pool, writer.keys)
     await writer.ensure_group()
@@ -226,18 +230,8 @@ async def audit_writer_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-class Progress(NamedTuple):
-    head: int  # the newest change's sequence number
-    persisted: int  # every change up to here is in Postgres
-
-
-async def progress(redis: Redis, keys: StateKeys) -> Progress:
-    head, persisted = await redis.hmget(keys.state, ["seq", "persisted"])
-    return Progress(int(head or 0), int(persisted or 0))
-
-
 async def audit_backlog(redis: Redis, keys: StateKeys) -> AuditBacklog:
-    head, persisted = await progress(redis, keys)
+    _, _, head, persisted = await read_snapshot(redis, keys)
     if head <= persisted:
         return AuditBacklog(0, 0.0)
     oldest: Any = await redis.xrange(keys.audit, min=f"{persisted + 1}-0", count=1)
@@ -246,9 +240,10 @@ async def audit_backlog(redis: Redis, keys: StateKeys) -> AuditBacklog:
     return AuditBacklog(head - persisted, round(max(age, 0.0), 3))
 
 
-async def caught_up(redis: Redis, keys: StateKeys) -> int:
+async def caught_up(reader: CoalescedRead[Snapshot]) -> int:
     """Wait until Postgres holds every change made so far; the watermark, or a 503 problem."""
-    target, persisted = await progress(redis, keys)
+    snapshot = await reader.get()
+    target, persisted = snapshot.seq, snapshot.persisted
     deadline = time.monotonic() + CATCH_UP_TIMEOUT
     pause = 0.001
     while persisted < target:
@@ -262,7 +257,7 @@ async def caught_up(redis: Redis, keys: StateKeys) -> int:
             )
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.05)
-        persisted = (await progress(redis, keys)).persisted
+        persisted = (await reader.get()).persisted
     return persisted
 
 
@@ -286,10 +281,19 @@ async def read_page(pool: asyncpg.Pool, upto: int, query: PageQuery) -> list[Aud
     ]
 
 
+# A page is fixed by (watermark, page, limit): rows up to a watermark never change, so its
+# encoded answer can be shared by every request that asks for it.
+log_pages = web.AppKey("log_pages", Memo[tuple[int, int, int], bytes])
+
+
 async def logs(request: web.Request) -> web.Response:
     """The audit log, newest first; includes every change acknowledged before this request."""
     query = convert_query(dict(request.query), PageQuery)
     app = request.app
-    upto = await caught_up(app[redis_client], app[state_keys])
-    entries = await read_page(app[pg_pool], upto, query)
-    return json_response(LogsPage(entries, query.page, query.limit, upto, query.pages(upto)))
+    upto = await caught_up(app[snapshots])
+
+    async def render() -> bytes:
+        entries = await read_page(app[pg_pool], upto, query)
+        return encode(LogsPage(entries, query.page, query.limit, upto, query.pages(upto)))
+
+    return json_response(await app[log_pages].get((upto, query.page, query.limit), render))

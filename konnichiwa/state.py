@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
 
+from konnichiwa.coalesce import CoalescedRead
 from konnichiwa.errors import FieldError, Problem, validation_problem
 from konnichiwa.idempotency import idempotent
-from konnichiwa.redis_store import key_prefix, redis_client
+from konnichiwa.redis_store import LuaScript, Runner, key_prefix, pipeliner, redis_client
 from konnichiwa.schemas import (
     State,
     Status,
@@ -33,7 +34,7 @@ from konnichiwa.settings import settings_key
 
 started_at = web.AppKey("started_at", float)
 
-UPDATE_SCRIPT: Final = """
+UPDATE_SCRIPT: Final = LuaScript("""
 local old_counter = redis.call('HGET', KEYS[1], 'counter') or '0'
 local old_message = redis.call('HGET', KEYS[1], 'message') or ''
 if ARGV[1] == 'increment' then
@@ -57,7 +58,7 @@ redis.call('XADD', KEYS[2], seq .. '-0',
   'seq', seq, 'ts', micros, 'old_counter', old_counter, 'new_counter', new_counter,
   'old_message', old_message, 'new_message', new_message, 'update_type', ARGV[5])
 return {seq, old_counter, new_counter, old_message, new_message}
-"""
+""")
 
 
 class StateKeys:
@@ -94,15 +95,16 @@ def describe(request: UpdateRequest) -> tuple[str, str, str]:
     return mode, argument, ", ".join(changed)
 
 
-async def apply_update(redis: Redis, keys: StateKeys, request: UpdateRequest) -> UpdateResult:
-    """Apply one change atomically; raise a 409 problem if an increment would overflow."""
+async def apply_update(run: Runner, keys: StateKeys, request: UpdateRequest) -> UpdateResult:
+    """Apply one change atomically; raise a 409 problem if an increment would overflow.
+
+    `run` sends a command: a client's `execute_command`, or a worker's `Pipeliner.execute`.
+    """
     mode, argument, update_type = describe(request)
     message = request.message if isinstance(request.message, str) else None
-    reply = await redis.eval(
-        UPDATE_SCRIPT,
-        2,
-        keys.state,
-        keys.audit,
+    reply = await UPDATE_SCRIPT(
+        run,
+        (keys.state, keys.audit),
         mode,
         argument,
         "0" if message is None else "1",
@@ -127,9 +129,24 @@ async def apply_update(redis: Redis, keys: StateKeys, request: UpdateRequest) ->
     )
 
 
-async def read_state(redis: Redis, keys: StateKeys) -> State:
-    counter, message = await redis.hmget(keys.state, ["counter", "message"])
-    return State(int(counter or 0), _text(message))
+class Snapshot(NamedTuple):
+    """The state hash at one moment: the values, the newest change, the last one persisted."""
+
+    counter: int
+    message: str
+    seq: int
+    persisted: int
+
+
+async def read_snapshot(redis: Redis, keys: StateKeys) -> Snapshot:
+    counter, message, seq, persisted = await redis.hmget(
+        keys.state, ["counter", "message", "seq", "persisted"]
+    )
+    return Snapshot(int(counter or 0), _text(message), int(seq or 0), int(persisted or 0))
+
+
+# Every read of the state on this worker goes through one coalesced HMGET.
+snapshots = web.AppKey("snapshots", CoalescedRead[Snapshot])
 
 
 def _text(value: bytes | str | None) -> str:
@@ -140,9 +157,10 @@ def _text(value: bytes | str | None) -> str:
 async def status(request: web.Request) -> web.Response:
     """The current counter and message."""
     app = request.app
-    state = await read_state(app[redis_client], app[state_keys])
+    snapshot = await app[snapshots].get()
     uptime = round(time.time() - app[started_at], 3)
-    return json_response(Status(state.counter, state.message, rfc3339(datetime.now(UTC)), uptime))
+    now = rfc3339(datetime.now(UTC))
+    return json_response(Status(snapshot.counter, snapshot.message, now, uptime))
 
 
 async def update(request: web.Request) -> web.Response:
@@ -151,11 +169,13 @@ async def update(request: web.Request) -> web.Response:
     app = request.app
 
     async def apply() -> web.Response:
-        return json_response(await apply_update(app[redis_client], app[state_keys], body))
+        result = await apply_update(app[pipeliner].execute, app[state_keys], body)
+        return json_response(result)
 
     return await idempotent(request, encode(body), apply)
 
 
 def setup_state(app: web.Application) -> None:
-    app[state_keys] = StateKeys(app[settings_key].environment)
+    keys = app[state_keys] = StateKeys(app[settings_key].environment)
     app[started_at] = time.time()
+    app[snapshots] = CoalescedRead(lambda: read_snapshot(app[redis_client], keys))

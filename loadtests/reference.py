@@ -6,8 +6,8 @@ It runs with the same number of worker processes (SO_REUSEPORT) as the service i
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
+import signal
 
 import uvloop
 from aiohttp import web
@@ -39,10 +39,16 @@ def main() -> None:
     ]
     for worker in workers:
         worker.start()
+
+    def stop(signum: int, frame: object) -> None:
+        for worker in workers:
+            worker.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     for worker in workers:
         worker.join()
 
 
 if __name__ == "__main__":
-    asyncio.set_event_loop_policy(None)
     main()

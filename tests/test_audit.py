@@ -147,7 +147,7 @@ async def test_backlog_counts_changes_not_yet_persisted(redis_url: str) -> None:
     try:
         assert await audit_backlog(connection, keys) == AuditBacklog(0, 0.0)
         for _ in range(3):  # no consumer runs here: the changes wait in the outbox
-            await apply_update(connection, keys, UpdateRequest(increment=1))
+            await apply_update(connection.execute_command, keys, UpdateRequest(increment=1))
         backlog = await audit_backlog(connection, keys)
     finally:
         await connection.aclose()

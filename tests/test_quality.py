@@ -16,7 +16,7 @@ ROOT = Path(__file__).parents[1]
     [
         ["ruff", "check", "konnichiwa", "tests", "loadtests"],
         ["ruff", "format", "--check", "konnichiwa", "tests", "loadtests"],
-        ["mypy", "--strict", "konnichiwa", "tests"],
+        ["mypy", "--strict", "konnichiwa", "tests", "loadtests"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],
 )

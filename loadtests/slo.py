@@ -1,0 +1,205 @@
+"""The service-level check: the mixed Locust scenario at a fixed rate, judged against the SLO.
+
+    python -m loadtests.slo                       # embedded stack, 1,000 req/s for 60 s
+    python -m loadtests.slo --host URL --api-key KEY --rate 2000 --run-time 120
+    python -m loadtests.slo -- --processes 2      # anything after -- goes to Locust
+
+Exit status: 0 when every objective holds, 1 when one is missed, 2 when the run itself failed.
+Locust's CSV files and HTML report (with charts) are written to the results folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support import running_service
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+RESULTS = Path(__file__).with_name("results")
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """What a run must achieve; the defaults are the product's promise."""
+
+    rate: float = 1000.0
+    min_rate_ratio: float = 0.95
+    p95_ms: float = 300.0
+    p99_ms: float = 1000.0
+    max_failure_ratio: float = 0.001
+
+
+@dataclass(frozen=True)
+class EndpointStats:
+    """One row of Locust's `_stats.csv`."""
+
+    name: str
+    requests: int
+    failures: int
+    requests_per_second: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def from_row(cls, row: dict[str, str]) -> EndpointStats:
+        def number(column: str) -> float:
+            value = row[column]
+            return 0.0 if value in ("", "N/A") else float(value)
+
+        return cls(
+            name=f"{row['Type']} {row['Name']}".strip(),
+            requests=int(row["Request Count"]), failures=int(row["Failure Count"]),
+            requests_per_second=number("Requests/s"), p50_ms=number("50%"),
+            p95_ms=number("95%"), p99_ms=number("99%"), max_ms=number("Max Response Time"),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished run: per-endpoint rows, the aggregate, and the steady-state rate."""
+
+    endpoints: tuple[EndpointStats, ...]
+    total: EndpointStats
+    steady_rate: float
+
+    @classmethod
+    def read(cls, prefix: Path) -> Outcome:
+        with open(f"{prefix}_stats.csv", newline="") as stats:
+            rows = [EndpointStats.from_row(row) for row in csv.DictReader(stats)]
+        steady = json.loads(Path(f"{prefix}_steady.json").read_text())
+        return cls(tuple(rows[:-1]), rows[-1], float(steady["requests_per_second"]))
+
+    def misses(self, objectives: Objectives) -> list[str]:
+        """Every objective the run missed, in words; empty when the SLO holds."""
+        total, found = self.total, []
+        if self.steady_rate < objectives.rate * objectives.min_rate_ratio:
+            found.append(
+                f"throughput {self.steady_rate:.0f} req/s is below "
+                f"{objectives.min_rate_ratio:.0%} of the {objectives.rate:.0f} req/s target"
+            )
+        if total.p95_ms >= objectives.p95_ms:
+            found.append(f"p95 {total.p95_ms:.0f} ms is not under {objectives.p95_ms:.0f} ms")
+        if total.p99_ms >= objectives.p99_ms:
+            found.append(f"p99 {total.p99_ms:.0f} ms is not under {objectives.p99_ms:.0f} ms")
+        failure_ratio = total.failures / total.requests if total.requests else 1.0
+        if failure_ratio > objectives.max_failure_ratio:
+            found.append(
+                f"{total.failures} of {total.requests} requests failed ({failure_ratio:.2%} > "
+                f"{objectives.max_failure_ratio:.2%})"
+            )
+        return found
+
+    def summary(self) -> str:
+        """One screen: a line per endpoint and the aggregate."""
+        header = f"{'endpoint':<28}{'requests':>10}{'fails':>7}{'req/s':>9}"
+        header += f"{'p50':>7}{'p95':>7}{'p99':>7}{'max':>8}  (ms)"
+        lines = [header]
+        for row in (*self.endpoints, self.total):
+            lines.append(
+                f"{row.name[:27]:<28}{row.requests:>10}{row.failures:>7}"
+                f"{row.requests_per_second:>9.1f}{row.p50_ms:>7.0f}{row.p95_ms:>7.0f}"
+                f"{row.p99_ms:>7.0f}{row.max_ms:>8.0f}"
+            )
+        lines.append(f"steady-state throughput: {self.steady_rate:.1f} req/s")
+        return "\n".join(lines)
+
+
+def locust_command(
+    host: str, api_key: str, prefix: Path, options: argparse.Namespace, extra: Sequence[str]
+) -> list[str]:
+    """The headless Locust run: fixed-rate shape, CSV and HTML reports under `prefix`."""
+    return [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "--host", host, "--api-key", api_key, "--shape", "fixed",
+        "--rate", str(options.rate), "--user-rate", str(options.user_rate),
+        "--mix", options.mix, "--run-time", f"{options.run_time}s", "--stop-timeout", "5",
+        "--csv", str(prefix), "--html", f"{prefix}.html",
+        "--steady-state-file", f"{prefix}_steady.json", "--loglevel", "WARNING", "--only-summary",
+        *extra,
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def target(options: argparse.Namespace, folder: Path) -> Iterator[tuple[str, str]]:
+    """(URL, API key) of the service under test: `--host`, or one started on the embedded stack."""
+    if options.host:
+        yield options.host, options.api_key
+        return
+    api_key = secrets.token_urlsafe(24)
+    environment = {"API_KEYS": f"{api_key}:read+write+inspect", "ENVIRONMENT": "dev"}
+    if options.workers:
+        environment["WORKERS"] = str(options.workers)
+    with running_service(folder / "service.log", environment) as service:
+        yield service.url, api_key
+
+
+def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", help="a running service (default: start one)")
+    parser.add_argument("--api-key", default="", help="its key with read, write, inspect scopes")
+    parser.add_argument("--workers", type=int, help="worker processes of a started service")
+    parser.add_argument("--rate", type=float, default=Objectives.rate, help="requests/s")
+    parser.add_argument("--user-rate", type=float, default=10.0, help="requests/s per user")
+    parser.add_argument("--run-time", type=int, default=60, help="seconds")
+    parser.add_argument("--mix", default="reader=70,writer=20,operator=5,admin=5")
+    parser.add_argument("--results", type=Path, help="folder for the reports")
+    parser.add_argument("--p95-ms", type=float, default=Objectives.p95_ms)
+    parser.add_argument("--p99-ms", type=float, default=Objectives.p99_ms)
+    parser.add_argument("--max-failure-ratio", type=float, default=Objectives.max_failure_ratio)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in arguments:
+        split = arguments.index("--")
+        arguments, extra = arguments[:split], arguments[split + 1 :]
+    options = parser.parse_args(arguments)
+    if options.host and not options.api_key:
+        parser.error("--api-key is required with --host")
+    return options, extra
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options, extra = parse_arguments(argv)
+    folder = options.results or RESULTS / time.strftime("slo-%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = folder / "locust"
+    objectives = Objectives(
+        options.rate, p95_ms=options.p95_ms, p99_ms=options.p99_ms,
+        max_failure_ratio=options.max_failure_ratio,
+    )  # fmt: skip
+    with target(options, folder) as (host, api_key):
+        print(f"slo: {options.rate:.0f} req/s for {options.run_time} s against {host}", flush=True)
+        run = subprocess.run(locust_command(host, api_key, prefix, options, extra), check=False)
+    if not Path(f"{prefix}_steady.json").is_file():
+        print(f"slo: the Locust run produced no results (exit {run.returncode})", file=sys.stderr)
+        return 2
+    outcome = Outcome.read(prefix)
+    print(outcome.summary())
+    print(f"reports: {folder}")
+    misses = outcome.misses(objectives)
+    for miss in misses:
+        print(f"SLO MISSED: {miss}")
+    if not misses:
+        print(
+            f"SLO met: >= {objectives.min_rate_ratio:.0%} of {objectives.rate:.0f} req/s, "
+            f"p95 < {objectives.p95_ms:.0f} ms, p99 < {objectives.p99_ms:.0f} ms, "
+            f"failures <= {objectives.max_failure_ratio:.1%}"
+        )
+    return 1 if misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

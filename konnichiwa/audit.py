@@ -48,15 +48,23 @@ BLOCK_MS: Final = 1000  # one XREADGROUP waits at most this long for new entries
 CLAIM_IDLE_MS: Final = 5000  # entries pending this long belong to a consumer that died
 CLAIM_EVERY: Final = 2.0
 RETRY_MAX_DELAY: Final = 2.0
-CATCH_UP_TIMEOUT: Final = 2.0
+CATCH_UP_TIMEOUT: Final = 2.0  # /logs waits this long for Postgres, then answers 503
 SLOW_BATCH_SECONDS: Final = 0.5
-LOG_PAGES_KEPT: Final = 256  # /logs waits this long for Postgres, then answers 503
+LOG_PAGES_KEPT: Final = 256
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
-ADVANCE_PERSISTED: Final = LuaScript("""
-local current = tonumber(redis.call('HGET', KEYS[1], 'persisted') or '0')
-if tonumber(ARGV[1]) > current then
+# After a batch is in Postgres, in one round trip: publish the watermark (it only moves forward),
+# acknowledge the batch's entries and trim what Postgres holds from the stream.
+FINISH_BATCH: Final = LuaScript("""
+local upto = tonumber(ARGV[1])
+if upto > tonumber(redis.call('HGET', KEYS[1], 'persisted') or '0') then
   redis.call('HSET', KEYS[1], 'persisted', ARGV[1])
+end
+if #ARGV > 2 then
+  redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 3))
+end
+if upto > 0 then
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', upto + 1))
 end
 return 1
 """)
@@ -72,21 +80,7 @@ end
 return 0
 """)
 
-INSERT_BATCH: Final = """
-INSERT INTO audit_log
-    (seq, changed_at, old_counter, new_counter, old_message, new_message, update_type)
-SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::bigint[], $4::bigint[],
-                     $5::text[], $6::text[], $7::text[])
-ON CONFLICT (seq) DO NOTHING
-"""
-# The end of the gap-free run that starts right after the watermark (see the migration).
-ADVANCE_WATERMARK: Final = """
-UPDATE audit_watermark w SET upto = (
-    SELECT min(a.seq) FROM audit_log a
-    WHERE a.seq > w.upto
-      AND NOT EXISTS (SELECT 1 FROM audit_log b WHERE b.seq = a.seq + 1))
-WHERE EXISTS (SELECT 1 FROM audit_log WHERE seq = w.upto + 1)
-"""
+PERSIST: Final = "SELECT audit_persist($1, $2, $3, $4, $5, $6, $7)"  # see migration 0004
 PAGE: Final = """
 SELECT seq, changed_at, old_counter, new_counter, old_message, new_message, update_type
 FROM audit_log WHERE seq <= $1 AND seq > $2 ORDER BY seq DESC
@@ -116,14 +110,8 @@ def parse_entry(fields: dict[bytes, bytes]) -> AuditEvent:
 
 
 async def persist(pool: asyncpg.Pool, events: Sequence[AuditEvent]) -> int:
-    """Insert a batch (duplicates ignored) and return the watermark after it."""
-    columns = list(zip(*events, strict=True))
-    async with pool.acquire() as conn, conn.transaction():
-        # The row lock makes batches take turns, so each one sees every batch committed before it.
-        await conn.execute("SELECT upto FROM audit_watermark FOR UPDATE")
-        await conn.execute(INSERT_BATCH, *columns)
-        await conn.execute(ADVANCE_WATERMARK)
-        upto: int = await conn.fetchval("SELECT upto FROM audit_watermark")
+    """Insert a batch (duplicates ignored) and return the watermark after it: one round trip."""
+    upto: int = await pool.fetchval(PERSIST, *zip(*events, strict=True))
     return upto
 
 
@@ -141,10 +129,10 @@ class AuditWriter:
         while True:
             try:
                 events, ids = await self._next_batch()
-                if events:
-                    await self._store(events)
+                upto = await self._store(events) if events else 0
                 if ids:
-                    await self.redis.xack(self.keys.audit, GROUP, *ids)
+                    keys = (self.keys.state, self.keys.audit)
+                    await FINISH_BATCH(self.redis.execute_command, keys, upto, GROUP, *ids)
                 delay = 0.1
                 continue
             except ResponseError as exc:
@@ -180,8 +168,8 @@ class AuditWriter:
         )
         return _decode(reply[0][1]) if reply else ([], [])
 
-    async def _store(self, events: list[AuditEvent]) -> None:
-        """Persist until it works: the entries stay pending (and safe in Redis) meanwhile."""
+    async def _store(self, events: list[AuditEvent]) -> int:
+        """Persist until it works (the entries stay pending, safe in Redis); the new watermark."""
         delay = 0.1
         started = time.monotonic()
         while True:
@@ -194,8 +182,7 @@ class AuditWriter:
                 delay = min(delay * 2, RETRY_MAX_DELAY)
         if (took := time.monotonic() - started) > SLOW_BATCH_SECONDS:
             log.warning("audit consumer: %d entries took %.2f s to persist", len(events), took)
-        await ADVANCE_PERSISTED(self.redis.execute_command, (self.keys.state,), upto)
-        await self.redis.xtrim(self.keys.audit, minid=str(upto + 1), approximate=True)
+        return upto
 
 
 def _decode(entries: list[Any]) -> tuple[list[AuditEvent], list[bytes]]:

@@ -71,6 +71,12 @@ async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[int]:
     return applied
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """Release without the default reset query (a round trip per release): the service sets no
+    session state (no SET, LISTEN, cursors or session advisory locks). asyncpg still rolls back a
+    transaction left open before calling this."""
+
+
 async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open this worker's pool, bring the schema up to date, close the pool on shutdown."""
     pool = await asyncpg.create_pool(
@@ -79,6 +85,7 @@ async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
         max_size=10,
         timeout=5,
         command_timeout=10,
+        reset=keep_session,
     )
     async with pool.acquire() as conn:
         await migrate(conn)  # also the start-up smoke call: fails fast on a wrong URL

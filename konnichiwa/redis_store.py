@@ -34,7 +34,7 @@ class LuaScript:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324  (Redis names scripts so)
 
-    async def __call__(self, run: Runner, keys: Sequence[str], *args: str | int) -> Any:
+    async def __call__(self, run: Runner, keys: Sequence[str], *args: str | int | bytes) -> Any:
         """Run through `run`: a client's `execute_command`, or a `Pipeliner`'s `execute`."""
         try:
             return await run("EVALSHA", self.sha, len(keys), *keys, *args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -14,6 +14,8 @@ from redis.exceptions import NoScriptError
 from konnichiwa.settings import settings_key
 
 redis_client = web.AppKey("redis_client", Redis)
+_I = TypeVar("_I")
+_O = TypeVar("_O")
 
 CONNECT_TIMEOUT: Final = 2.0
 # A command that takes longer than this means Redis is in trouble: fail with a 503, never hang.
@@ -35,30 +37,32 @@ class LuaScript:
         self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324  (Redis names scripts so)
 
     async def __call__(self, run: Runner, keys: Sequence[str], *args: str | int | bytes) -> Any:
-        """Run through `run`: a client's `execute_command`, or a `Pipeliner`'s `execute`."""
+        """Run through `run`, e.g. a client's `execute_command`."""
         try:
             return await run("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:  # a restarted or failed-over Redis forgot it
             return await run("EVAL", self.source, len(keys), *keys, *args)
 
 
-class Pipeliner:
-    """Concurrent commands sent together: while one pipeline is on the wire, the next one fills.
+class Batcher(Generic[_I, _O]):
+    """Concurrent calls sent as one: while one batch is on the wire, the next one fills.
 
-    Each command keeps its own atomicity (a Lua script runs whole) and its own answer or error;
-    what the requests share is the round trip and the client's per-call overhead.
+    `send` gets the waiting items in arrival order (at most `limit`) and returns one outcome per
+    item, a value or an exception; if `send` itself fails, every item of its batch fails alike.
     """
 
-    __slots__ = ("_flusher", "_queue", "_redis")
+    __slots__ = ("_flusher", "_limit", "_queue", "_send")
 
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+    def __init__(
+        self, send: Callable[[list[_I]], Awaitable[Sequence[_O | Exception]]], limit: int
+    ) -> None:
+        self._send, self._limit = send, limit
+        self._queue: list[tuple[_I, asyncio.Future[_O]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def execute(self, *command: Any) -> Any:
-        answer = asyncio.get_running_loop().create_future()
-        self._queue.append((command, answer))
+    async def __call__(self, item: _I) -> _O:
+        answer: asyncio.Future[_O] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, answer))
         if self._flusher is None:
             self._flusher = asyncio.ensure_future(self._flush())
         return await answer
@@ -66,30 +70,27 @@ class Pipeliner:
     async def _flush(self) -> None:
         try:
             while self._queue:
-                batch, self._queue = self._queue, []
-                await self._send(batch)
+                batch = self._queue[: self._limit]
+                del self._queue[: self._limit]
+                await self._deliver(batch)
         finally:
             self._flusher = None
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        pipeline = self._redis.pipeline(transaction=False)
-        for command, _ in batch:
-            pipeline.execute_command(*command)
+    async def _deliver(self, batch: list[tuple[_I, asyncio.Future[_O]]]) -> None:
         try:
-            results = await pipeline.execute(raise_on_error=False)
-        except Exception as exc:  # the connection failed: every command in it fails alike
-            results = [exc] * len(batch)
-        for (_, answer), result in zip(batch, results, strict=True):
-            if answer.done():
+            outcomes: Sequence[_O | Exception] = await self._send([item for item, _ in batch])
+        except Exception as exc:  # the round trip failed: every call in it fails alike
+            outcomes = [exc] * len(batch)
+        for (_, answer), outcome in zip(batch, outcomes, strict=True):
+            if answer.done():  # its request was cancelled
                 continue
-            if isinstance(result, Exception):
-                answer.set_exception(result)
+            if isinstance(outcome, Exception):
+                answer.set_exception(outcome)
             else:
-                answer.set_result(result)
+                answer.set_result(outcome)
 
 
 Runner = Callable[..., Awaitable[Any]]
-pipeliner = web.AppKey("pipeliner", Pipeliner)
 
 
 def connect(url: str) -> Redis:
@@ -110,6 +111,5 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     client = connect(app[settings_key].require("redis_url"))
     await client.ping()
     app[redis_client] = client
-    app[pipeliner] = Pipeliner(client)
     yield
     await client.aclose()

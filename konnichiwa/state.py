@@ -8,7 +8,9 @@ an update nor see non-consecutive old/new values. Counter values never pass thro
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final, NamedTuple
 
@@ -19,7 +21,7 @@ from redis.asyncio import Redis
 from konnichiwa.coalesce import CoalescedRead
 from konnichiwa.errors import FieldError, Problem, validation_problem
 from konnichiwa.idempotency import idempotent
-from konnichiwa.redis_store import LuaScript, Runner, key_prefix, pipeliner, redis_client
+from konnichiwa.redis_store import Batcher, LuaScript, Runner, key_prefix, redis_client
 from konnichiwa.schemas import (
     State,
     Status,
@@ -34,31 +36,53 @@ from konnichiwa.settings import settings_key
 
 started_at = web.AppKey("started_at", float)
 
+# A batch of changes, each applied whole and in order (ARGV holds five values per change: mode,
+# counter argument, whether a message is given, the message, update_type); one reply per change.
 UPDATE_SCRIPT: Final = LuaScript("""
-local old_counter = redis.call('HGET', KEYS[1], 'counter') or '0'
-local old_message = redis.call('HGET', KEYS[1], 'message') or ''
-if ARGV[1] == 'increment' then
-  local added = redis.pcall('HINCRBY', KEYS[1], 'counter', ARGV[2])
-  if type(added) == 'table' and added.err then
-    return {'overflow'}
-  end
-elseif ARGV[1] == 'set' then
-  redis.call('HSET', KEYS[1], 'counter', ARGV[2])
-end
-local new_message = old_message
-if ARGV[3] == '1' then
-  new_message = ARGV[4]
-  redis.call('HSET', KEYS[1], 'message', new_message)
-end
-local new_counter = redis.call('HGET', KEYS[1], 'counter') or '0'
-local seq = string.format('%d', redis.call('HINCRBY', KEYS[1], 'seq', 1))
+local counter = redis.call('HGET', KEYS[1], 'counter') or '0'
+local message = redis.call('HGET', KEYS[1], 'message') or ''
 local now = redis.call('TIME')
 local micros = now[1] .. string.format('%06d', now[2])
-redis.call('XADD', KEYS[2], seq .. '-0',
-  'seq', seq, 'ts', micros, 'old_counter', old_counter, 'new_counter', new_counter,
-  'old_message', old_message, 'new_message', new_message, 'update_type', ARGV[5])
-return {seq, old_counter, new_counter, old_message, new_message}
+local replies = {}
+for i = 1, #ARGV, 5 do
+  local mode, argument = ARGV[i], ARGV[i + 1]
+  local new_counter, overflow = counter, false
+  if mode == 'increment' then
+    local added = redis.pcall('HINCRBY', KEYS[1], 'counter', argument)
+    if type(added) == 'table' and added.err then
+      overflow = true
+    else
+      new_counter = redis.call('HGET', KEYS[1], 'counter')
+    end
+  elseif mode == 'set' then
+    redis.call('HSET', KEYS[1], 'counter', argument)
+    new_counter = argument
+  end
+  if overflow then
+    replies[#replies + 1] = {'overflow'}
+  else
+    local new_message = message
+    if ARGV[i + 2] == '1' then
+      new_message = ARGV[i + 3]
+      redis.call('HSET', KEYS[1], 'message', new_message)
+    end
+    local seq = string.format('%d', redis.call('HINCRBY', KEYS[1], 'seq', 1))
+    redis.call('XADD', KEYS[2], seq .. '-0',
+      'seq', seq, 'ts', micros, 'old_counter', counter, 'new_counter', new_counter,
+      'old_message', message, 'new_message', new_message, 'update_type', ARGV[i + 4])
+    replies[#replies + 1] = {seq, counter, new_counter, message, new_message}
+    counter, message = new_counter, new_message
+  end
+end
+return replies
 """)
+# Changes waiting while a batch is in Redis go in the next one; a cap keeps each script short
+# (Redis runs nothing else while a script runs).
+MAX_UPDATE_BATCH: Final = 256
+
+# What the script needs of one change: (mode, counter argument, "1" if a message is given, the
+# message, update_type).
+Change = tuple[str, str, str, str, str]
 
 
 class StateKeys:
@@ -72,8 +96,8 @@ class StateKeys:
 state_keys = web.AppKey("state_keys", StateKeys)
 
 
-def describe(request: UpdateRequest) -> tuple[str, str, str]:
-    """(mode, counter argument, update_type) for the script; reject contradictory input."""
+def describe(request: UpdateRequest) -> Change:
+    """The script's arguments for one valid request; a 422 problem for contradictory input."""
     changed = []
     mode, argument = "keep", ""
     if request.counter is not msgspec.UNSET and request.increment is not msgspec.UNSET:
@@ -86,33 +110,38 @@ def describe(request: UpdateRequest) -> tuple[str, str, str]:
     elif request.increment is not msgspec.UNSET:
         mode, argument = "increment", str(request.increment)
         changed.append("increment")
-    if request.message is not msgspec.UNSET:
+    message = request.message if isinstance(request.message, str) else None
+    if message is not None:
         changed.append("message")
     if not changed:
         raise validation_problem(
             [FieldError("body", "Give at least one of `counter`, `increment`, `message`.")]
         )
-    return mode, argument, ", ".join(changed)
+    return mode, argument, "0" if message is None else "1", message or "", ", ".join(changed)
+
+
+async def apply_changes(
+    run: Runner, keys: StateKeys, changes: Sequence[Change]
+) -> list[UpdateResult | Problem]:
+    """Apply changes in one script, each atomically; a 409 problem for one that would overflow.
+
+    `run` sends a command, e.g. a client's `execute_command`.
+    """
+    replies = await UPDATE_SCRIPT(run, (keys.state, keys.audit), *itertools.chain(*changes))
+    return [_result(reply) for reply in replies]
 
 
 async def apply_update(run: Runner, keys: StateKeys, request: UpdateRequest) -> UpdateResult:
-    """Apply one change atomically; raise a 409 problem if an increment would overflow.
+    """Apply one change on its own."""
+    (outcome,) = await apply_changes(run, keys, [describe(request)])
+    if isinstance(outcome, Problem):
+        raise outcome
+    return outcome
 
-    `run` sends a command: a client's `execute_command`, or a worker's `Pipeliner.execute`.
-    """
-    mode, argument, update_type = describe(request)
-    message = request.message if isinstance(request.message, str) else None
-    reply = await UPDATE_SCRIPT(
-        run,
-        (keys.state, keys.audit),
-        mode,
-        argument,
-        "0" if message is None else "1",
-        message or "",
-        update_type,
-    )
+
+def _result(reply: list[bytes]) -> UpdateResult | Problem:
     if reply[0] == b"overflow":
-        raise Problem(
+        return Problem(
             409,
             "Conflict",
             "The increment would take the counter outside the signed 64-bit range; "
@@ -127,6 +156,10 @@ async def apply_update(run: Runner, keys: StateKeys, request: UpdateRequest) -> 
         new_state=State(int(new_counter), _text(new_message)),
         seq=int(seq),
     )
+
+
+# Each worker sends its concurrent changes to Redis together, one script per batch.
+updates = web.AppKey("updates", Batcher[Change, UpdateResult])
 
 
 class Snapshot(NamedTuple):
@@ -166,11 +199,11 @@ async def status(request: web.Request) -> web.Response:
 async def update(request: web.Request) -> web.Response:
     """Change the counter (set or increment) and/or the message, atomically."""
     body = await decode_body(request, UpdateRequest)
+    change = describe(body)
     app = request.app
 
     async def apply() -> web.Response:
-        result = await apply_update(app[pipeliner].execute, app[state_keys], body)
-        return json_response(result)
+        return json_response(await app[updates](change))
 
     return await idempotent(request, encode(body), apply)
 
@@ -179,3 +212,7 @@ def setup_state(app: web.Application) -> None:
     keys = app[state_keys] = StateKeys(app[settings_key].environment)
     app[started_at] = time.time()
     app[snapshots] = CoalescedRead(lambda: read_snapshot(app[redis_client], keys))
+    app[updates] = Batcher(
+        lambda changes: apply_changes(app[redis_client].execute_command, keys, changes),
+        MAX_UPDATE_BATCH,
+    )

@@ -8,6 +8,9 @@ import re
 import pytest
 import redis.asyncio
 
+from konnichiwa.errors import Problem
+from konnichiwa.schemas import State, UpdateRequest, UpdateResult
+from konnichiwa.state import StateKeys, apply_changes, describe
 from tests.support import FULL_AUTH, READ_AUTH, Client
 
 INT64_MAX = 2**63 - 1
@@ -176,3 +179,32 @@ async def test_every_change_is_in_the_outbox(client: Client, redis_url: str) -> 
         "increment",
     )
     assert (second["old_message"], second["new_message"]) == ("m", "m")
+
+
+async def test_a_batch_applies_changes_in_order_and_refuses_only_an_overflow(
+    redis_url: str,
+) -> None:
+    connection = redis.asyncio.Redis.from_url(redis_url)
+    requests = [
+        UpdateRequest(counter=2**63 - 2),
+        UpdateRequest(increment=5, message="never written"),
+        UpdateRequest(increment=1, message="kept"),
+        UpdateRequest(message="last"),
+    ]
+    try:
+        outcomes = await apply_changes(
+            connection.execute_command, StateKeys("dev"), [describe(r) for r in requests]
+        )
+    finally:
+        await connection.aclose()
+    first, overflow, third, fourth = outcomes
+    assert isinstance(overflow, Problem)
+    assert overflow.status == 409
+    assert isinstance(first, UpdateResult)
+    assert isinstance(third, UpdateResult)
+    assert isinstance(fourth, UpdateResult)
+    assert (first.seq, third.seq, fourth.seq) == (1, 2, 3)
+    assert third.old_state == State(2**63 - 2, "")
+    assert third.new_state == State(2**63 - 1, "kept")
+    assert fourth.old_state == third.new_state
+    assert fourth.new_state == State(2**63 - 1, "last")

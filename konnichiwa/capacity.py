@@ -232,6 +232,7 @@ def service(board: Scoreboard, settings: Settings) -> ServiceFigures:
         environment=settings.environment,
         uptime_seconds=round(time.time() - board.started, 3),
         worker_count=len(workers),
+        answered_by=os.getpid(),
         workers=workers,
     )
 

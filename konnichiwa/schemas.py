@@ -287,6 +287,7 @@ class ServiceFigures(msgspec.Struct):
     environment: str
     uptime_seconds: float
     worker_count: int
+    answered_by: Annotated[int, msgspec.Meta(description="pid of the worker answering")]
     workers: list[WorkerFigures]
 
 

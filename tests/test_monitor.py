@@ -1,0 +1,145 @@
+"""`konnichiwa monitor` as a real process against a real two-worker service: every exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.support import FULL_KEY, Servers, ServiceProcess, database_url_for, free_port
+from tests.support import running_service as serve
+
+OK_LEVELS = ("--cpu", "100", "--memory", "100", "--disk", "100", "--critical", "100")
+
+
+async def _create_database(admin_url: str, name: str) -> None:
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+def service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """One service for the module, on a database of its own."""
+    name = f"monitor_{os.getpid()}"
+    asyncio.run(_create_database(servers.database_url, name))
+    environment = {
+        "REDIS_URL": servers.redis_url,
+        "DATABASE_URL": database_url_for(servers.database_url, name),
+        "API_KEY": FULL_KEY,
+    }
+    log = tmp_path_factory.mktemp("monitor") / "serve.log"
+    with serve(log, environment, "--workers", "2") as running:
+        yield running
+
+
+def _environment(**variables: str) -> dict[str, str]:
+    inherited = {k: v for k, v in os.environ.items() if k not in ("API_URL", "API_KEY")}
+    return {**inherited, **variables}
+
+
+def monitor(
+    *args: str, cwd: Path | None = None, **variables: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "konnichiwa", "monitor", *args],
+        env=_environment(**variables),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+CASES = [
+    pytest.param(OK_LEVELS, 0, "OK", id="ok"),
+    pytest.param(
+        ("--memory", "0", "--cpu", "100", "--disk", "100", "--critical", "100"),
+        1,
+        "WARNING",
+        id="warning-memory",
+    ),  # fmt: skip
+    pytest.param(("--critical", "0"), 2, "CRITICAL", id="critical"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "state"), CASES)
+def test_thresholds_set_the_exit_code(
+    service: ServiceProcess, args: tuple[str, ...], code: int, state: str
+) -> None:
+    result = monitor(*args, API_URL=service.url, API_KEY=FULL_KEY)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert result.stdout.startswith(f"KONNICHIWA {state} - ")
+    assert "2 workers" in result.stdout
+
+
+def test_json_report(service: ServiceProcess) -> None:
+    result = monitor("--json", "--critical", "0", API_URL=service.url, API_KEY=FULL_KEY)
+    assert result.returncode == 2
+    report = json.loads(result.stdout)
+    assert (report["status"], report["code"]) == ("CRITICAL", 2)
+    assert set(report["checks"]) == {"cpu", "memory", "disk"}
+    assert report["inspection"]["service"]["worker_count"] == 2
+
+
+def test_reads_dot_env(service: ServiceProcess, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(f"API_URL={service.url}\nAPI_KEY={FULL_KEY}\n")
+    result = monitor(*OK_LEVELS, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variables", "says"),
+    [
+        pytest.param({"API_KEY": "wrong-key-0123456789abcdef"}, "401", id="wrong-key"),
+        pytest.param({}, "API_KEY is not set", id="no-key"),
+        pytest.param(
+            {"API_URL": f"http://127.0.0.1:{free_port()}", "API_KEY": FULL_KEY},
+            "cannot reach",
+            id="stopped-server",
+        ),  # fmt: skip
+        pytest.param(
+            {"API_KEY": FULL_KEY, "URL_PATH": "/openapi.json?from="},
+            "did not answer",
+            id="not-an-inspect-answer",
+        ),
+    ],
+)
+def test_unknown_when_the_service_cannot_be_asked(
+    service: ServiceProcess, tmp_path: Path, variables: dict[str, str], says: str
+) -> None:
+    url = variables.pop("API_URL", service.url) + variables.pop("URL_PATH", "")
+    result = monitor(*OK_LEVELS, cwd=tmp_path, API_URL=url, **variables)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout.startswith("KONNICHIWA UNKNOWN - ")
+    assert says in result.stdout
+
+
+def test_watch_repeats_until_interrupted(service: ServiceProcess) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "konnichiwa", "monitor", "--watch", "0.2", "--memory", "0",
+         "--cpu", "100", "--disk", "100", "--critical", "100"],
+        env=_environment(API_URL=service.url, API_KEY=FULL_KEY),
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:  # fmt: skip
+        assert process.stdout is not None
+        reports = 0
+        for line in process.stdout:
+            reports += line.startswith("KONNICHIWA WARNING")
+            if reports == 3:
+                break
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 1

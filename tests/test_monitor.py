@@ -14,10 +14,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.support import FULL_KEY, Servers, ServiceProcess, database_url_for, free_port
+from tests.support import FULL_KEY, Servers, ServiceProcess, database_url_for
 from tests.support import running_service as serve
 
 OK_LEVELS = ("--cpu", "100", "--memory", "100", "--disk", "100", "--critical", "100")
+WARN_ON_MEMORY = ("--cpu", "100", "--memory", "0", "--disk", "100", "--critical", "100")
 
 
 async def _create_database(admin_url: str, name: str) -> None:
@@ -65,12 +66,7 @@ def monitor(
 
 CASES = [
     pytest.param(OK_LEVELS, 0, "OK", id="ok"),
-    pytest.param(
-        ("--memory", "0", "--cpu", "100", "--disk", "100", "--critical", "100"),
-        1,
-        "WARNING",
-        id="warning-memory",
-    ),  # fmt: skip
+    pytest.param(WARN_ON_MEMORY, 1, "WARNING", id="warning-memory"),
     pytest.param(("--critical", "0"), 2, "CRITICAL", id="critical"),
 ]
 
@@ -101,40 +97,40 @@ def test_reads_dot_env(service: ServiceProcess, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("variables", "says"),
+    ("path", "key", "says"),
     [
-        pytest.param({"API_KEY": "wrong-key-0123456789abcdef"}, "401", id="wrong-key"),
-        pytest.param({}, "API_KEY is not set", id="no-key"),
-        pytest.param(
-            {"API_URL": f"http://127.0.0.1:{free_port()}", "API_KEY": FULL_KEY},
-            "cannot reach",
-            id="stopped-server",
-        ),  # fmt: skip
-        pytest.param(
-            {"API_KEY": FULL_KEY, "URL_PATH": "/openapi.json?from="},
-            "did not answer",
-            id="not-an-inspect-answer",
-        ),
+        pytest.param("", "wrong-key-0123456789abcdef", "answered 401", id="wrong-key"),
+        pytest.param("", None, "API_KEY is not set", id="no-key"),
+        pytest.param("/openapi.json?from=", FULL_KEY, "did not answer", id="not-an-inspect-answer"),
     ],
 )
 def test_unknown_when_the_service_cannot_be_asked(
-    service: ServiceProcess, tmp_path: Path, variables: dict[str, str], says: str
+    service: ServiceProcess, tmp_path: Path, path: str, key: str | None, says: str
 ) -> None:
-    url = variables.pop("API_URL", service.url) + variables.pop("URL_PATH", "")
-    result = monitor(*OK_LEVELS, cwd=tmp_path, API_URL=url, **variables)
+    variables = {"API_URL": service.url + path} | ({} if key is None else {"API_KEY": key})
+    result = monitor(*OK_LEVELS, cwd=tmp_path, **variables)
     assert result.returncode == 3, result.stdout + result.stderr
     assert result.stdout.startswith("KONNICHIWA UNKNOWN - ")
     assert says in result.stdout
 
 
+def test_unknown_once_the_service_stops(tmp_path: Path, redis_url: str, database_url: str) -> None:
+    environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "API_KEY": FULL_KEY}
+    with serve(tmp_path / "serve.log", environment, "--workers", "1") as running:
+        assert monitor(*OK_LEVELS, API_URL=running.url, API_KEY=FULL_KEY).returncode == 0
+        assert running.stop() == 0
+    result = monitor(*OK_LEVELS, API_URL=running.url, API_KEY=FULL_KEY)
+    assert result.returncode == 3
+    assert result.stdout.startswith(f"KONNICHIWA UNKNOWN - cannot reach {running.url}")
+
+
 def test_watch_repeats_until_interrupted(service: ServiceProcess) -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "konnichiwa", "monitor", "--watch", "0.2", "--memory", "0",
-         "--cpu", "100", "--disk", "100", "--critical", "100"],
+        [sys.executable, "-m", "konnichiwa", "monitor", "--watch", "0.2", *WARN_ON_MEMORY],
         env=_environment(API_URL=service.url, API_KEY=FULL_KEY),
         stdout=subprocess.PIPE,
         text=True,
-    ) as process:  # fmt: skip
+    ) as process:
         assert process.stdout is not None
         reports = 0
         for line in process.stdout:

@@ -148,42 +148,35 @@ class Scoreboard:
 
     def route_totals(self) -> list[list[int]]:
         """Per route, summed over workers: responses by status class, latency sum, histogram."""
-        routes = self.file.routes
-        totals = [[0] * ROUTE_CELLS for _ in range(routes)]
-        for number in range(self.file.slots):
-            start = self._base(number) + WORKER_CELLS
-            cells = self.cells[start : start + routes * ROUTE_CELLS].tolist()
-            for route, total in enumerate(totals):
-                row = cells[route * ROUTE_CELLS : (route + 1) * ROUTE_CELLS]
-                totals[route] = [a + b for a, b in zip(total, row, strict=True)]
-        return totals
+        width = self.file.routes * ROUTE_CELLS
+        starts = [self._base(number) + WORKER_CELLS for number in range(self.file.slots)]
+        slots = [self.cells[start : start + width] for start in starts]
+        summed = [sum(cells) for cells in zip(*slots, strict=True)]
+        return [summed[at : at + ROUTE_CELLS] for at in range(0, width, ROUTE_CELLS)]
 
     def windows(self, lengths: Sequence[int], now: float | None = None) -> list[Window]:
         """For each length, the requests that finished in that many last seconds (this one too)."""
         now = time.monotonic() if now is None else now
         current = int(now)
-        age_of = {current - age: age for age in range(max(lengths))}
-        histograms = [[0] * BUCKETS for _ in lengths]
         ring_at = WORKER_CELLS + self.file.routes * ROUTE_CELLS
+        rows: list[tuple[int, list[int]]] = []  # (age in seconds, histogram) of recent seconds
         for number in range(self.file.slots):
             start = self._base(number) + ring_at
             ring = self.cells[start : start + RING_SECONDS * RING_ROW].tolist()
-            for row in range(0, len(ring), RING_ROW):
-                age = age_of.get(ring[row])
-                if age is None:
-                    continue
-                counts = ring[row + 1 : row + RING_ROW]
-                for index, length in enumerate(lengths):
-                    if age < length:
-                        histograms[index] = [
-                            a + b for a, b in zip(histograms[index], counts, strict=True)
-                        ]
+            rows += [
+                (current - ring[at], ring[at + 1 : at + RING_ROW])
+                for at in range(0, len(ring), RING_ROW)
+                if 0 <= current - ring[at] < RING_SECONDS
+            ]
         # A service younger than the window has not had all of it to serve requests in.
         served_for = max(time.time() - self.started, 1e-3)
-        return [
-            Window(min(length - 1 + (now - current), served_for), sum(histogram), histogram)
-            for length, histogram in zip(lengths, histograms, strict=True)
-        ]
+        windows = []
+        for length in lengths:
+            inside = [histogram for age, histogram in rows if age < length]
+            histogram = [sum(counts) for counts in zip(*inside, strict=True)] or [0] * BUCKETS
+            covered = min(length - 1 + (now - current), served_for)
+            windows.append(Window(covered, sum(histogram), histogram))
+        return windows
 
 
 def percentile(histogram: Sequence[int], fraction: float) -> float | None:

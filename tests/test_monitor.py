@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -12,9 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
+from pytest_aiohttp import AiohttpClient
 
-from tests.support import FULL_KEY, Servers, ServiceProcess, database_url_for
+from konnichiwa.app import create_app
+from konnichiwa.embedded import valkey_server
+from konnichiwa.monitor import CRITICAL, add_arguments, evaluate
+from konnichiwa.schemas import Inspection
+from konnichiwa.settings import Settings
+from tests.support import FULL_AUTH, FULL_KEY, Servers, ServiceProcess, database_url_for
 from tests.support import running_service as serve
 
 OK_LEVELS = ("--cpu", "100", "--memory", "100", "--disk", "100", "--critical", "100")
@@ -139,3 +147,25 @@ def test_watch_repeats_until_interrupted(service: ServiceProcess) -> None:
                 break
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 1
+
+
+async def test_a_dependency_down_is_critical(
+    aiohttp_client: AiohttpClient, settings: Settings, tmp_path: Path
+) -> None:
+    with valkey_server(tmp_path / "stopped") as url:
+        client = await aiohttp_client(create_app(settings.replace(redis_url=url)))
+    for _ in range(50):  # the sampler notices within about a second
+        response = await client.get("/inspect", headers=FULL_AUTH)
+        assert response.status == 200, "/inspect needs no Redis"
+        answer = msgspec.json.decode(await response.read(), type=Inspection)
+        if answer.dependencies.redis.status == "down":
+            break
+        await asyncio.sleep(0.1)
+    assert answer.dependencies.redis.status == "down"
+    assert answer.dependencies.postgres.status == "up"
+    assert answer.dependencies.audit_backlog is None
+    thresholds = argparse.ArgumentParser()
+    add_arguments(thresholds)
+    report = evaluate(answer, thresholds.parse_args(OK_LEVELS))
+    assert (report.status, report.code) == ("CRITICAL", CRITICAL)
+    assert "redis down" in report.summary

@@ -220,7 +220,7 @@ class WorkerSlot:
 
         `route_numbers` maps aiohttp's routes to their number; anything else (404, 405, static
         files) counts as the last route. Per request: two clock reads, one bisect and a handful
-        of integer stores into shared memory — no allocation, lock or await of its own.
+        of integer stores into shared memory — no lock, await or I/O.
         """
         cells = self.board.cells
         in_flight = self.base + IN_FLIGHT

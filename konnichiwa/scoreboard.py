@@ -54,8 +54,8 @@ ROUTE_HISTOGRAM: Final = ROUTE_SUM + 1
 ROUTE_CELLS: Final = ROUTE_HISTOGRAM + BUCKETS
 # A ring row: the second (of the monotonic clock, which all processes share) and its histogram.
 RING_ROW: Final = 1 + BUCKETS
-# The file starts with the number of slots and the service's start (wall clock, µs).
-HEADER_CELLS: Final = 2
+# The file starts with the service's start (wall clock, µs).
+HEADER_CELLS: Final = 1
 CELL: Final = 8
 
 
@@ -74,9 +74,9 @@ class ScoreboardFile:
         """Make the file, zeroed, with the header filled in (the supervisor does this once)."""
         with open(self.path, "wb") as file:
             file.truncate(self.size())
-        board = Scoreboard(self, _map_file(self.path, self.size()))
-        board.cells[0] = self.slots
-        board.cells[1] = int(time.time() * 1e6)
+        board = Scoreboard.open(self)
+        board.start()
+        board.close()
 
 
 def slot_cells(routes: int) -> int:
@@ -116,11 +116,14 @@ class Scoreboard:
     @classmethod
     def private(cls, routes: int) -> Scoreboard:
         """A one-slot board in this process's own memory (a service run without a supervisor)."""
-        file = ScoreboardFile(Path(os.devnull), 1, routes)
+        file = ScoreboardFile(Path(os.devnull), 1, routes)  # backed by no file at all
         board = cls(file, mmap.mmap(-1, file.size()))
-        board.cells[0] = 1
-        board.cells[1] = int(time.time() * 1e6)
+        board.start()
         return board
+
+    def start(self) -> None:
+        """Fill in the header of a new board: when the service started."""
+        self.cells[0] = int(time.time() * 1e6)
 
     def close(self) -> None:
         self.cells.release()
@@ -129,7 +132,7 @@ class Scoreboard:
     @property
     def started(self) -> float:
         """When the service started (wall clock, seconds)."""
-        return self.cells[1] / 1e6
+        return self.cells[0] / 1e6
 
     def slot(self, number: int) -> WorkerSlot:
         return WorkerSlot(self, number)

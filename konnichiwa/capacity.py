@@ -62,6 +62,7 @@ from konnichiwa.scoreboard import (
     REDIS_IDLE,
     REDIS_IN_USE,
     RSS,
+    STARTED_US,
     STATUS_CLASSES,
     THREADS,
     Scoreboard,
@@ -211,10 +212,12 @@ def traffic(board: Scoreboard) -> Traffic:
 
 
 def service(board: Scoreboard, settings: Settings) -> ServiceFigures:
+    now = time.time()
     workers = [
         WorkerFigures(
             slot=number,
             pid=figures[PID],
+            uptime_seconds=round(now - figures[STARTED_US] / 1e6, 3),
             rss_bytes=figures[RSS],
             cpu_percent=figures[CPU_CENTIPERCENT] / 100,
             threads=figures[THREADS],
@@ -230,7 +233,7 @@ def service(board: Scoreboard, settings: Settings) -> ServiceFigures:
         version=__version__,
         role=settings.service_name,
         environment=settings.environment,
-        uptime_seconds=round(time.time() - board.started, 3),
+        uptime_seconds=round(now - board.started, 3),
         worker_count=len(workers),
         answered_by=os.getpid(),
         workers=workers,

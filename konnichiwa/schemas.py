@@ -272,6 +272,7 @@ class Host(msgspec.Struct):
 class WorkerFigures(msgspec.Struct):
     slot: int
     pid: int
+    uptime_seconds: float
     rss_bytes: int
     cpu_percent: float
     threads: int

@@ -40,13 +40,11 @@ BOUNDS: Final = (
 )
 BUCKETS: Final = len(BOUNDS) + 1
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
-RING_SECONDS: Final = 64  # a power of two, more than the longest window (60 s)
+RING_SECONDS: Final = 64  # more than the longest window (60 s)
 
 # A worker's figures, at the start of its slot.
-PID, STARTED_US, IN_FLIGHT, RSS, CPU_CENTIPERCENT, CPU_SECONDS_US, THREADS, FDS, CONNECTIONS = (
-    range(9)
-)
-LOOP_LAG_US, REDIS_IN_USE, REDIS_IDLE, POSTGRES_IN_USE, POSTGRES_IDLE = range(9, 14)
+(PID, STARTED_US, IN_FLIGHT, RSS, CPU_CENTIPERCENT, CPU_SECONDS_US, THREADS, FDS, CONNECTIONS,
+ LOOP_LAG_US, REDIS_IN_USE, REDIS_IDLE, POSTGRES_IN_USE, POSTGRES_IDLE) = range(14)  # fmt: skip
 WORKER_CELLS: Final = 16
 # Per route: responses by status class, the latency sum (µs), the latency histogram.
 ROUTE_SUM: Final = len(STATUS_CLASSES)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
+import psutil
 import pytest
 
 from konnichiwa.schemas import Inspection
@@ -99,3 +100,28 @@ async def test_every_worker_counts_and_any_reports_all(
         assert answer.traffic.requests_in_flight == 1
     served_by = [w.requests_in_flight for w in answers[-1].service.workers]
     assert sorted(served_by) == [0, 1]
+
+
+async def test_a_replaced_worker_takes_over_its_slot_and_counts(
+    tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "API_KEY": FULL_KEY}
+    with running_service(tmp_path / "serve.log", environment, "--workers", "2") as service:
+        before = await _inspect_on_new_connection(service.url)
+        victim = before.service.workers[0]
+        dying = psutil.Process(victim.pid)
+        dying.kill()
+        dying.wait(5)  # gone, its listening socket with it
+        for asked in range(1, 150):  # the supervisor starts a replacement after a 1 s back-off
+            answer = await _inspect_on_new_connection(service.url)
+            # What the dead worker counted stays: the total only grows, by each /inspect asked.
+            assert answer.traffic.requests_served == before.traffic.requests_served + asked
+            if answer.service.workers[victim.slot].pid != victim.pid:
+                break
+            await asyncio.sleep(0.2)
+    replacement, survivor = answer.service.workers
+    assert answer.service.worker_count == 2
+    assert replacement.slot == victim.slot
+    assert replacement.pid not in (victim.pid, survivor.pid)
+    assert replacement.uptime_seconds < survivor.uptime_seconds
+    assert replacement.requests_in_flight + survivor.requests_in_flight == 1

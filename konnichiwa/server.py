@@ -74,6 +74,8 @@ def run_worker(
     _stop_with_parent(parent)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(_serve(settings, ready, Scoreboard.open(board), slot))
+    if os.getppid() != parent:  # the supervisor died without cleaning up: do it for it
+        shutil.rmtree(board.path.parent, ignore_errors=True)
 
 
 async def _serve(settings: Settings, ready: Event, board: Scoreboard, slot: int) -> None:

@@ -15,12 +15,13 @@ from typing import Final
 
 from aiohttp import web
 
-from konnichiwa.capacity import dependencies, sampler, traffic
+from konnichiwa.capacity import dependencies, sampler
 from konnichiwa.scoreboard import (
     BOUNDS,
     CONNECTIONS,
     CPU_SECONDS_US,
     FDS,
+    IN_FLIGHT,
     LOOP_LAG_US,
     PID,
     ROUTE_HISTOGRAM,
@@ -111,13 +112,13 @@ def _worker_families(app: web.Application) -> Iterator[str]:
 
 def _service_families(app: web.Application) -> Iterator[str]:
     board, latest = app[scoreboard], app[sampler]
-    flows = traffic(board)
+    in_flight = sum(figures[IN_FLIGHT] for _, figures in board.workers())
     deps = dependencies(board, latest.dependencies)
     host = latest.host
     named = {"redis": deps.redis, "postgres": deps.postgres}
     backlog = deps.audit_backlog
     yield from family("konnichiwa_requests_in_flight", "gauge", "Requests being answered.",
-                      [("", {}, flows.requests_in_flight)])  # fmt: skip
+                      [("", {}, in_flight)])  # fmt: skip
     yield from family(
         "konnichiwa_dependency_up", "gauge", "1 when the dependency answered its last check.",
         (("", {"dependency": n}, d.status == "up") for n, d in named.items()),

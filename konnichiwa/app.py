@@ -7,11 +7,14 @@ from aiohttp import web, web_response
 
 from konnichiwa.audit import audit_writer_ctx
 from konnichiwa.auth import KeyRing, keyring
+from konnichiwa.capacity import capacity_ctx
 from konnichiwa.errors import problem_middleware
+from konnichiwa.metrics import route_labels
 from konnichiwa.openapi import build_spec, openapi_document
 from konnichiwa.postgres import pg_ctx
 from konnichiwa.redis_store import redis_ctx
 from konnichiwa.routes import routes_for, setup_routes
+from konnichiwa.scoreboard import Scoreboard, scoreboard, worker_slot
 from konnichiwa.settings import Settings, settings_key
 from konnichiwa.state import setup_state
 
@@ -20,15 +23,35 @@ from konnichiwa.state import setup_state
 setattr(web_response, "SERVER_SOFTWARE", "konnichiwa")  # noqa: B010
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Assemble the application for `settings`; resources open when it starts."""
-    app = web.Application(middlewares=[problem_middleware], client_max_size=settings.max_body_bytes)
-    app[settings_key] = settings
-    app[keyring] = KeyRing(settings.api_keys)
-    app[openapi_document] = msgspec.json.encode(
-        build_spec(routes_for(settings.service_name), settings.service_name)
+def counted_routes(settings: Settings) -> int:
+    """How many routes the scoreboard counts: the role's own, and one for everything else."""
+    return len(routes_for(settings.service_name)) + 1
+
+
+def create_app(
+    settings: Settings, board: Scoreboard | None = None, slot: int = 0
+) -> web.Application:
+    """Assemble the application for `settings`; resources open when it starts.
+
+    `board` is the supervisor's scoreboard shared by every worker and `slot` this worker's place
+    in it; without one the application counts its traffic on a private board of its own.
+    """
+    routes = routes_for(settings.service_name)
+    board = board or Scoreboard.private(counted_routes(settings))
+    counter = board.slot(slot)
+    counter.claim()
+    numbers: dict[object, int] = {}
+    app = web.Application(
+        middlewares=[counter.middleware(numbers), problem_middleware],
+        client_max_size=settings.max_body_bytes,
     )
+    app[settings_key] = settings
+    app[scoreboard] = board
+    app[worker_slot] = counter
+    app[route_labels] = (*((r.method, r.path) for r in routes), ("", "other"))
+    app[keyring] = KeyRing(settings.api_keys)
+    app[openapi_document] = msgspec.json.encode(build_spec(routes, settings.service_name))
     setup_state(app)
-    app.cleanup_ctx.extend([redis_ctx, pg_ctx, audit_writer_ctx])
-    setup_routes(app, settings.service_name)
+    app.cleanup_ctx.extend([redis_ctx, pg_ctx, audit_writer_ctx, capacity_ctx])
+    numbers.update(setup_routes(app, settings.service_name))
     return app

@@ -1,4 +1,4 @@
-"""The `konnichiwa` command: serve, migrate."""
+"""The `konnichiwa` command: serve, migrate, monitor."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import asyncpg
 from konnichiwa import __version__
 from konnichiwa.auth import SCOPES, ApiKey
 from konnichiwa.logs import configure_logging
+from konnichiwa.monitor import add_arguments as add_monitor_arguments
+from konnichiwa.monitor import run as run_monitor
 from konnichiwa.postgres import migrate
 from konnichiwa.settings import Settings, SettingsError
 
@@ -22,6 +24,8 @@ DEV_KEY_FILE = "api-key"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "monitor":  # an operator's check: needs no service settings
+        return run_monitor(args)
     try:
         settings = _with_overrides(Settings.from_env(), args)
         configure_logging(settings)
@@ -51,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
         "--access-log", action="store_true", default=None, help="log every request (ACCESS_LOG)"
     )
     commands.add_parser("migrate", help="apply the Postgres schema migrations and exit")
+    add_monitor_arguments(
+        commands.add_parser(
+            "monitor",
+            help="check the service's capacity (Nagios exit codes)",
+            description="Ask API_URL/inspect with API_KEY (environment or .env) whether there is "
+            "capacity left. Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
+        )
+    )
     return parser
 
 

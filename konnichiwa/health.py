@@ -53,14 +53,19 @@ def _forget(task: asyncio.Future[object]) -> None:
         task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
-async def ready(request: web.Request) -> web.Response:
-    """Readiness: 200 when Redis and Postgres answer, 503 naming the one that does not."""
-    app = request.app
+async def check_dependencies(app: web.Application) -> dict[str, DependencyCheck]:
+    """Ask Redis and Postgres at once: each one's status and round-trip latency."""
     redis, postgres = await asyncio.gather(
         check_dependency(app[redis_client].ping),
         check_dependency(lambda: app[pg_pool].fetchval("SELECT 1")),
     )
-    checks = {"redis": redis, "postgres": postgres}
+    return {"redis": redis, "postgres": postgres}
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 when Redis and Postgres answer, 503 naming the one that does not."""
+    app = request.app
+    checks = await check_dependencies(app)
     down = [f"{name}: {check.detail}" for name, check in checks.items() if check.status == "down"]
     if down:
         raise Problem(

@@ -9,11 +9,12 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from konnichiwa import audit, greeting, health, openapi, state, users
+from konnichiwa import audit, capacity, greeting, health, metrics, openapi, state, users
 from konnichiwa.auth import Scope, requires
 from konnichiwa.schemas import (
     Greeting,
     GreetingQuery,
+    Inspection,
     LogsPage,
     NewUser,
     PageQuery,
@@ -70,6 +71,11 @@ ROUTES: Final[tuple[Route, ...]] = (
           scope="read", query=PageQuery, responses={200: UsersPage}),
     Route("GET", "/users/{id}", users.show, "One user", "users",
           scope="read", responses={200: User, 404: "No such user"}),
+    Route("GET", "/inspect", capacity.inspect, "Is there capacity left?", "capacity",
+          scope="inspect", responses={200: Inspection}),
+    Route("GET", "/metrics", metrics.metrics, "Prometheus metrics", "capacity",
+          scope="inspect", responses={200: "Prometheus text exposition 0.0.4"},
+          media_type="text/plain"),
     Route("GET", "/openapi.json", openapi.spec, "This OpenAPI document", "docs",
           responses={200: "OpenAPI 3.1 document"}),
     Route("GET", "/docs", openapi.docs, "Swagger UI", "docs",
@@ -82,11 +88,17 @@ def routes_for(role: ServiceName) -> tuple[Route, ...]:
     return tuple(route for route in ROUTES if role in route.roles)
 
 
-def setup_routes(app: web.Application, role: ServiceName) -> None:
-    for route in routes_for(role):
+def setup_routes(app: web.Application, role: ServiceName) -> dict[object, int]:
+    """Add the role's routes; return each aiohttp route's number in `routes_for(role)`."""
+    numbers: dict[object, int] = {}
+    for number, route in enumerate(routes_for(role)):
         handler = route.handler if route.scope is None else requires(route.scope)(route.handler)
         if route.method == "GET":
-            app.router.add_get(route.path, handler)  # answers HEAD too
+            added = app.router.add_get(route.path, handler)  # answers HEAD too
         else:
-            app.router.add_route(route.method, route.path, handler)
+            added = app.router.add_route(route.method, route.path, handler)
+        for sibling in added.resource or ():
+            if sibling.handler is handler:  # this route, and the HEAD route beside a GET
+                numbers[sibling] = number
     app.router.add_static(openapi.STATIC_PREFIX, openapi.swagger_ui_static_dir())
+    return numbers

@@ -223,3 +223,123 @@ def person_name(raw: str, field: str = "name") -> str:
 def _without_marks(text: str) -> str:
     # Scripts such as Devanagari write names with combining marks (category M), which \w lacks.
     return "".join(ch for ch in text if not unicodedata.category(ch).startswith("M"))
+
+
+class Memory(msgspec.Struct):
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    percent: float
+
+
+class Swap(msgspec.Struct):
+    total_bytes: int
+    used_bytes: int
+    percent: float
+
+
+class Disk(msgspec.Struct):
+    path: Annotated[str, msgspec.Meta(description="A directory on the data volume")]
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    percent: float
+
+
+class Network(msgspec.Struct):
+    bytes_sent: int
+    bytes_received: int
+    packets_sent: int
+    packets_received: int
+
+
+class Host(msgspec.Struct):
+    """The machine (or container's host) the answering worker runs on, sampled once a second."""
+
+    hostname: str
+    boot_time: Annotated[str, msgspec.Meta(description="RFC 3339, UTC")]
+    uptime_seconds: float
+    cpu_count: int
+    cpu_percent: float
+    cpu_percent_per_core: list[float]
+    load_average: Annotated[list[float], msgspec.Meta(description="1, 5 and 15 minutes")]
+    memory: Memory
+    swap: Swap
+    disk: Disk
+    network: Network
+
+
+class WorkerFigures(msgspec.Struct):
+    slot: int
+    pid: int
+    uptime_seconds: float
+    rss_bytes: int
+    cpu_percent: float
+    threads: int
+    open_fds: int
+    connections: int
+    requests_in_flight: int
+    event_loop_lag_ms: float
+
+
+class ServiceFigures(msgspec.Struct):
+    version: str
+    role: str
+    environment: str
+    uptime_seconds: float
+    worker_count: int
+    answered_by: Annotated[int, msgspec.Meta(description="pid of the worker answering")]
+    workers: list[WorkerFigures]
+
+
+class Latency(msgspec.Struct):
+    """Percentiles from a histogram (buckets 1-1.5-2-3-5-7 per decade); null without requests."""
+
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+
+class Traffic(msgspec.Struct):
+    """Summed over every worker; the request asking is in flight, not yet served."""
+
+    requests_served: int
+    requests_in_flight: int
+    requests_per_second_10s: float
+    requests_per_second_60s: float
+    latency_60s: Latency
+    responses_by_status_class: Annotated[
+        dict[str, int], msgspec.Meta(examples=[{"2xx": 1200, "4xx": 3, "5xx": 0}])
+    ]
+    errors: Annotated[int, msgspec.Meta(description="4xx and 5xx responses")]
+
+
+class Pool(msgspec.Struct):
+    """Connections of every worker's pool: lent out to a request, or idle."""
+
+    in_use: int
+    idle: int
+
+
+class DependencyFigures(msgspec.Struct, omit_defaults=True):
+    status: Literal["up", "down"]
+    latency_ms: float
+    pool: Pool
+    detail: str | None = None
+
+
+class Dependencies(msgspec.Struct):
+    redis: DependencyFigures
+    postgres: DependencyFigures
+    audit_backlog: Annotated[
+        AuditBacklog | None, msgspec.Meta(description="null while Redis cannot be asked")
+    ]
+    event_loop_lag_ms: Annotated[float, msgspec.Meta(description="The most any worker lags")]
+    sampled_at: Annotated[str, msgspec.Meta(description="RFC 3339, UTC")]
+
+
+class Inspection(msgspec.Struct):
+    host: Host
+    service: ServiceFigures
+    traffic: Traffic
+    dependencies: Dependencies

@@ -16,18 +16,22 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 from aiohttp.log import access_logger
 
-from konnichiwa.app import create_app
+from konnichiwa.app import counted_routes, create_app
 from konnichiwa.logs import configure_logging
+from konnichiwa.scoreboard import Scoreboard, ScoreboardFile
 from konnichiwa.settings import Settings
 
 log = logging.getLogger("konnichiwa.server")
@@ -62,17 +66,21 @@ def _stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_worker(settings: Settings, ready: Event, parent: int) -> None:
+def run_worker(
+    settings: Settings, ready: Event, parent: int, board: ScoreboardFile, slot: int
+) -> None:
     """A worker process: serve until SIGTERM or SIGINT, then drain and close the pools."""
     configure_logging(settings)
     _stop_with_parent(parent)
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(_serve(settings, ready))
+        runner.run(_serve(settings, ready, Scoreboard.open(board), slot))
+    if os.getppid() != parent:  # the supervisor died without cleaning up: do it for it
+        shutil.rmtree(board.path.parent, ignore_errors=True)
 
 
-async def _serve(settings: Settings, ready: Event) -> None:
+async def _serve(settings: Settings, ready: Event, board: Scoreboard, slot: int) -> None:
     runner = web.AppRunner(
-        create_app(settings),
+        create_app(settings, board, slot),
         access_log=access_logger if settings.access_log else None,
         shutdown_timeout=DRAIN_SECONDS,
         handle_signals=False,
@@ -99,6 +107,7 @@ class Worker:
     # the parent's last reference going away would unlink it.
     ready: Event
     started: float
+    slot: int  # its place on the scoreboard, handed on to its replacement
 
 
 class Supervisor:
@@ -109,10 +118,20 @@ class Supervisor:
         self.workers: dict[int, Worker] = {}
         self.stopping = False
         self.restart_delay = 1.0
+        self.board: ScoreboardFile
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        # Memory-backed where the system has /dev/shm: counting must never wait for a disk.
+        shared = Path("/dev/shm")  # noqa: S108  (a private directory is made inside it)
+        directory = Path(
+            tempfile.mkdtemp(prefix="konnichiwa-", dir=shared if shared.is_dir() else None)
+        )
+        self.board = ScoreboardFile(
+            directory / "scoreboard", self.settings.workers, counted_routes(self.settings)
+        )
+        self.board.create()
         try:
             if not self._start_all():
                 return 1
@@ -126,23 +145,26 @@ class Supervisor:
             return 0
         finally:
             self._stop_all()
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True
 
-    def _spawn_worker(self) -> Worker:
+    def _spawn_worker(self, slot: int) -> Worker:
         ready = _spawn.Event()
         process = _spawn.Process(
-            target=run_worker, args=(self.settings, ready, os.getpid()), daemon=False
+            target=run_worker,
+            args=(self.settings, ready, os.getpid(), self.board, slot),
+            daemon=False,
         )
         process.start()
         assert process.pid is not None  # noqa: S101  (set by start())
-        worker = self.workers[process.pid] = Worker(process, ready, time.monotonic())
+        worker = self.workers[process.pid] = Worker(process, ready, time.monotonic(), slot)
         return worker
 
     def _start_all(self) -> bool:
         """Start every worker and wait until all listen; False if one failed to start."""
-        started = [self._spawn_worker() for _ in range(self.settings.workers)]
+        started = [self._spawn_worker(slot) for slot in range(self.settings.workers)]
         deadline = time.monotonic() + START_SECONDS
         for worker in started:
             process = worker.process
@@ -177,7 +199,7 @@ class Supervisor:
             self._sleep_unless_stopping(self.restart_delay)
             self.restart_delay = min(self.restart_delay * 2, MAX_RESTART_DELAY)
             if not self.stopping:
-                self._spawn_worker()
+                self._spawn_worker(worker.slot)
 
     def _sleep_unless_stopping(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -169,8 +169,10 @@ def test_workers_never_outlive_the_supervisor(
     environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url}
     with running_service(tmp_path / "serve.log", environment, "--workers", "2") as service:
         workers = service.workers()
+        (scoreboard,) = {m.path for m in workers[0].memory_maps() if m.path.endswith("scoreboard")}
         service.process.kill()  # SIGKILL: the supervisor gets no chance to stop anyone
         service.process.wait()
         gone, alive = psutil.wait_procs(workers, timeout=25)
     assert alive == []
     assert len(gone) == 2
+    assert not Path(scoreboard).parent.exists(), "the workers remove the shared scoreboard"

@@ -1,0 +1,272 @@
+"""Every worker's traffic counters and figures in shared memory, so any worker can report them all.
+
+The supervisor makes one small file (in /dev/shm where there is one: memory, never the disk) with
+a fixed-layout slot of 64-bit integers per worker and hands each worker its slot number; a worker
+that replaces a dead one carries on counting in the same slot. Why shared memory rather than
+Redis: counting runs on every request of a service doing ~15k requests/s, so it must not touch
+the network, await or lock; each slot has exactly one writer, aligned 64-bit stores are atomic,
+and a worker answering /inspect or /metrics sums every slot in microseconds — exactly, and still
+when Redis is down. A reader may miss an increment that is happening as it reads; nothing more.
+
+A slot holds the worker's figures (pid, RSS, CPU, ... written by its sampler once a second), per
+route its responses by status class, latency sum and latency histogram, and a ring of the last 64
+seconds' latency histograms for the request rates and percentiles of the last 10 and 60 seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+import mmap
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Final, NamedTuple
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+# Latency bucket upper bounds in seconds: 1, 1.5, 2, 3, 5, 7 per decade from 0.1 ms to 10 s
+# (fine enough for percentiles within a third of their value), then one bucket for the rest.
+BOUNDS: Final = (
+    *(
+        float(f"{mantissa}e{exponent}")
+        for exponent in range(-4, 1)
+        for mantissa in (1, 1.5, 2, 3, 5, 7)
+    ),
+    10.0,
+)
+BUCKETS: Final = len(BOUNDS) + 1
+STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+RING_SECONDS: Final = 64  # more than the longest window (60 s)
+
+# A worker's figures, at the start of its slot.
+(PID, STARTED_US, IN_FLIGHT, RSS, CPU_CENTIPERCENT, CPU_SECONDS_US, THREADS, FDS, CONNECTIONS,
+ LOOP_LAG_US, REDIS_IN_USE, REDIS_IDLE, POSTGRES_IN_USE, POSTGRES_IDLE) = range(14)  # fmt: skip
+WORKER_CELLS: Final = 16
+# Per route: responses by status class, the latency sum (µs), the latency histogram.
+ROUTE_SUM: Final = len(STATUS_CLASSES)
+ROUTE_HISTOGRAM: Final = ROUTE_SUM + 1
+ROUTE_CELLS: Final = ROUTE_HISTOGRAM + BUCKETS
+# A ring row: the second (of the monotonic clock, which all processes share) and its histogram.
+RING_ROW: Final = 1 + BUCKETS
+# The file starts with the service's start (wall clock, µs).
+HEADER_CELLS: Final = 1
+CELL: Final = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreboardFile:
+    """Where the supervisor's scoreboard is and its shape: what a worker needs to open it."""
+
+    path: Path
+    slots: int
+    routes: int
+
+    def size(self) -> int:
+        return CELL * (HEADER_CELLS + self.slots * slot_cells(self.routes))
+
+    def create(self) -> None:
+        """Make the file, zeroed, with the header filled in (the supervisor does this once)."""
+        with open(self.path, "wb") as file:
+            file.truncate(self.size())
+        board = Scoreboard.open(self)
+        board.start()
+        board.close()
+
+
+def slot_cells(routes: int) -> int:
+    return WORKER_CELLS + routes * ROUTE_CELLS + RING_SECONDS * RING_ROW
+
+
+def _map_file(path: Path, size: int) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+class Window(NamedTuple):
+    """The requests of the last `seconds` and their latency histogram."""
+
+    seconds: float
+    requests: int
+    histogram: list[int]
+
+
+class Scoreboard:
+    """All slots, for reading; `slot(n)` writes one worker's."""
+
+    __slots__ = ("cells", "file", "memory")
+
+    def __init__(self, file: ScoreboardFile, memory: mmap.mmap) -> None:
+        self.file = file
+        self.memory = memory
+        self.cells = memoryview(memory).cast("q")
+
+    @classmethod
+    def open(cls, file: ScoreboardFile) -> Scoreboard:
+        return cls(file, _map_file(file.path, file.size()))
+
+    @classmethod
+    def private(cls, routes: int) -> Scoreboard:
+        """A one-slot board in this process's own memory (a service run without a supervisor)."""
+        file = ScoreboardFile(Path(os.devnull), 1, routes)  # backed by no file at all
+        board = cls(file, mmap.mmap(-1, file.size()))
+        board.start()
+        return board
+
+    def start(self) -> None:
+        """Fill in the header of a new board: when the service started."""
+        self.cells[0] = int(time.time() * 1e6)
+
+    def close(self) -> None:
+        self.cells.release()
+        self.memory.close()
+
+    @property
+    def started(self) -> float:
+        """When the service started (wall clock, seconds)."""
+        return self.cells[0] / 1e6
+
+    def slot(self, number: int) -> WorkerSlot:
+        return WorkerSlot(self, number)
+
+    def _base(self, number: int) -> int:
+        return HEADER_CELLS + number * slot_cells(self.file.routes)
+
+    def worker(self, number: int) -> Sequence[int]:
+        """One worker's figures (index with PID, RSS, ...); a pid of 0 means never started."""
+        base = self._base(number)
+        return self.cells[base : base + WORKER_CELLS].tolist()
+
+    def workers(self) -> Iterator[tuple[int, Sequence[int]]]:
+        for number in range(self.file.slots):
+            yield number, self.worker(number)
+
+    def route_totals(self) -> list[list[int]]:
+        """Per route, summed over workers: responses by status class, latency sum, histogram."""
+        width = self.file.routes * ROUTE_CELLS
+        starts = [self._base(number) + WORKER_CELLS for number in range(self.file.slots)]
+        slots = [self.cells[start : start + width] for start in starts]
+        summed = [sum(cells) for cells in zip(*slots, strict=True)]
+        return [summed[at : at + ROUTE_CELLS] for at in range(0, width, ROUTE_CELLS)]
+
+    def windows(self, lengths: Sequence[int], now: float | None = None) -> list[Window]:
+        """For each length, the requests that finished in that many last seconds (this one too)."""
+        now = time.monotonic() if now is None else now
+        current = int(now)
+        ring_at = WORKER_CELLS + self.file.routes * ROUTE_CELLS
+        rows: list[tuple[int, list[int]]] = []  # (age in seconds, histogram) of recent seconds
+        for number in range(self.file.slots):
+            start = self._base(number) + ring_at
+            ring = self.cells[start : start + RING_SECONDS * RING_ROW].tolist()
+            rows += [
+                (current - ring[at], ring[at + 1 : at + RING_ROW])
+                for at in range(0, len(ring), RING_ROW)
+                if 0 <= current - ring[at] < RING_SECONDS
+            ]
+        # A service younger than the window has not had all of it to serve requests in.
+        served_for = max(time.time() - self.started, 1e-3)
+        windows = []
+        for length in lengths:
+            inside = [histogram for age, histogram in rows if age < length]
+            histogram = [sum(counts) for counts in zip(*inside, strict=True)] or [0] * BUCKETS
+            covered = min(length - 1 + (now - current), served_for)
+            windows.append(Window(covered, sum(histogram), histogram))
+        return windows
+
+
+def percentile(histogram: Sequence[int], fraction: float) -> float | None:
+    """The latency (seconds) below which `fraction` of the requests fell, interpolated in-bucket."""
+    total = sum(histogram)
+    if total == 0:
+        return None
+    rank = fraction * total
+    seen = 0
+    for bucket, count in enumerate(histogram):
+        if count and seen + count >= rank:
+            low = BOUNDS[bucket - 1] if bucket > 0 else 0.0
+            if bucket == len(BOUNDS):  # beyond the last bound: all we know is its lower end
+                return low
+            return low + (BOUNDS[bucket] - low) * (rank - seen) / count
+        seen += count
+    return BOUNDS[-1]
+
+
+class WorkerSlot:
+    """One worker's own slot: it alone writes here."""
+
+    __slots__ = ("base", "board", "ring_at")
+
+    def __init__(self, board: Scoreboard, number: int) -> None:
+        self.board = board
+        self.base = board._base(number)
+        self.ring_at = self.base + WORKER_CELLS + board.file.routes * ROUTE_CELLS
+
+    def claim(self) -> None:
+        """Take the slot over; counts of a predecessor stay, its in-flight requests died with it."""
+        self.set(PID, os.getpid())
+        self.set(STARTED_US, int(time.time() * 1e6))
+        self.set(IN_FLIGHT, 0)
+
+    def set(self, field: int, value: int) -> None:
+        self.board.cells[self.base + field] = value
+
+    def middleware(self, route_numbers: dict[object, int]) -> Middleware:
+        """Count every request by route and status, its latency, and those in flight.
+
+        `route_numbers` maps aiohttp's routes to their number; anything else (404, 405, static
+        files) counts as the last route. Per request: two clock reads, one bisect and a handful
+        of integer stores into shared memory — no lock, await or I/O.
+        """
+        cells = self.board.cells
+        in_flight = self.base + IN_FLIGHT
+        routes_at = self.base + WORKER_CELLS
+        ring_at = self.ring_at
+        other = self.board.file.routes - 1
+        lookup = route_numbers.get
+        clock = time.monotonic
+        locate = bisect.bisect_left
+        bounds = BOUNDS
+        empty_row = memoryview(bytes(CELL * BUCKETS)).cast("q")
+
+        @web.middleware
+        async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+            started = clock()
+            cells[in_flight] += 1
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = 499  # the client went away first (nginx's name for it)
+                raise
+            finally:
+                cells[in_flight] -= 1
+                now = clock()
+                elapsed = now - started
+                bucket = locate(bounds, elapsed)
+                route = routes_at + ROUTE_CELLS * lookup(request.match_info.route, other)
+                cells[route + min(max(status // 100 - 1, 0), 4)] += 1
+                cells[route + ROUTE_SUM] += int(elapsed * 1e6)
+                cells[route + ROUTE_HISTOGRAM + bucket] += 1
+                second = int(now)
+                row = ring_at + (second % RING_SECONDS) * RING_ROW
+                if cells[row] != second:  # a new second: this row held one 64 s ago
+                    cells[row + 1 : row + RING_ROW] = empty_row
+                    cells[row] = second
+                cells[row + 1 + bucket] += 1
+
+        return count_requests
+
+
+scoreboard = web.AppKey("scoreboard", Scoreboard)
+worker_slot = web.AppKey("worker_slot", WorkerSlot)

@@ -13,7 +13,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[load]" \
 COPY loadtests ./loadtests
 USER 65534:65534
 EXPOSE 8089 5557
-CMD ["locust", "-f", "loadtests/locustfile.py"]
+ENTRYPOINT ["locust", "-f", "loadtests/locustfile.py"]
 
 FROM python:3.11.14-slim-bookworm AS service
 ARG SERVICE=api

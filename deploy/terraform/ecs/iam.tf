@@ -175,3 +175,38 @@ resource "aws_iam_role_policy" "deploy" {
     ]
   })
 }
+
+# --- Kubernetes (IRSA): the same permissions for the pods' ServiceAccounts ----------------------
+
+locals {
+  eks_oidc_issuer = replace(var.eks_oidc_provider_arn, "/^arn:aws:iam::[0-9]+:oidc-provider//", "")
+  irsa_roles      = var.eks_oidc_provider_arn == "" ? {} : local.task_role_statements
+}
+
+resource "aws_iam_role" "irsa" {
+  for_each    = local.irsa_roles
+  name        = "${local.name}-${each.key}-irsa"
+  description = "ServiceAccount konnichiwa/konnichiwa-${each.key} on EKS"
+  assume_role_policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Effect    = "Allow"
+      Principal = { Federated = var.eks_oidc_provider_arn }
+      Action    = "sts:AssumeRoleWithWebIdentity"
+      Condition = {
+        StringEquals = {
+          "${local.eks_oidc_issuer}:aud" = "sts.amazonaws.com"
+          "${local.eks_oidc_issuer}:sub" = "system:serviceaccount:konnichiwa:konnichiwa-${each.key}"
+        }
+      }
+    }]
+  })
+}
+
+resource "aws_iam_role_policy" "irsa" {
+  #checkov:skip=CKV_AWS_355:s3:ListAllMyBuckets supports no resource but "*"
+  for_each = local.irsa_roles
+  name     = "${each.key}-service"
+  role     = aws_iam_role.irsa[each.key].id
+  policy   = jsonencode({ Version = "2012-10-17", Statement = each.value })
+}

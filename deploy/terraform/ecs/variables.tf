@@ -192,3 +192,14 @@ variable "github_repository" {
     error_message = "github_repository must be owner/name."
   }
 }
+
+variable "eks_oidc_provider_arn" {
+  type        = string
+  description = "For deploy/kubernetes: the EKS cluster's IAM OIDC provider ARN; creates one IRSA role per service role. Empty: none."
+  default     = ""
+
+  validation {
+    condition     = var.eks_oidc_provider_arn == "" || can(regex("^arn:aws:iam::[0-9]{12}:oidc-provider/.+$", var.eks_oidc_provider_arn))
+    error_message = "eks_oidc_provider_arn must be empty or an IAM OIDC provider ARN."
+  }
+}

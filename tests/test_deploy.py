@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def run(*command: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def unwrap(value: Any) -> Any:
-    """python-hcl2 wraps each block and attribute value in a one-element list: take them out."""
+    """python-hcl2 (checkov's fork here) wraps blocks and attribute values in one-element lists."""
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if isinstance(value, dict):
@@ -265,10 +265,15 @@ def kubernetes_environment(role: str) -> tuple[dict[str, str], set[str]]:
     return plain, secrets
 
 
+def assert_provided(names: Iterable[str]) -> None:
+    missing = sorted(set(DEPLOYED) - set(names))
+    assert missing == [], "set these, or list them in NOT_DEPLOYED with the reason"
+
+
 @pytest.mark.parametrize("role", ROLES)
 def test_compose_provides_every_setting(role: str) -> None:
     environment = compose_environment(role)
-    assert set(DEPLOYED) <= set(environment)
+    assert_provided(environment.keys())
     assert environment["SERVICE_NAME"] == role
     assert environment["AWS_ENDPOINT_URL"] == "http://aws:5000"
     assert "aws" in compose()["services"]
@@ -279,9 +284,11 @@ def test_compose_provides_every_setting(role: str) -> None:
     "environment", [ecs_environment, kubernetes_environment], ids=["ecs", "kubernetes"]
 )
 @pytest.mark.parametrize("role", ROLES)
-def test_platform_provides_every_setting(role: str, environment: Any) -> None:
+def test_platform_provides_every_setting(
+    role: str, environment: Callable[[str], tuple[dict[str, str], set[str]]]
+) -> None:
     plain, secrets = environment(role)
-    assert set(DEPLOYED) <= set(plain) | secrets
+    assert_provided(plain.keys() | secrets)
     assert secrets == set(SECRETS)
     assert not secrets & set(plain), "a secret must never be a plain variable"
     assert plain["SERVICE_NAME"] == role
@@ -362,6 +369,18 @@ def test_kubernetes_port_and_probes(role: str) -> None:
     }
     (port,) = kubernetes_object(role, "Service")["spec"]["ports"]
     assert port["targetPort"] == "http"
+
+
+def test_ingress_checks_readiness_and_reaches_both_roles() -> None:
+    (ingress,) = kubernetes_objects(KUBERNETES / "ingress.yaml")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["alb.ingress.kubernetes.io/healthcheck-path"] == READINESS
+    backends = [
+        path["backend"]["service"]
+        for rule in ingress["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
+    assert backends == [{"name": f"konnichiwa-{role}", "port": {"name": "http"}} for role in ROLES]
 
 
 def test_nginx_proxies_to_the_service_port() -> None:

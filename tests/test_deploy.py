@@ -580,3 +580,25 @@ def test_workflow_tests_everything_and_deploys_main_with_oidc() -> None:
     text = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
     assert "aws-access-key-id" not in text
     assert "secrets." not in text
+
+
+def test_workflow_matches_what_terraform_creates() -> None:
+    deploy = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())["jobs"][
+        "deploy"
+    ]
+    # A job `environment` would make the OIDC subject environment-based, not the branch trusted.
+    assert "environment" not in deploy
+    trust = jsonencoded(
+        terraform_blocks(ECS, "resource", "aws_iam_role")["deploy"]["assume_role_policy"]
+    )
+    (statement,) = trust["Statement"]
+    subject = statement["Condition"]["StringEquals"]["token.actions.githubusercontent.com:sub"]
+    assert subject == "repo:${var.github_repository}:ref:refs/heads/main"
+    variables = dict(terraform_variables(ECS))
+    assert deploy["env"]["AWS_REGION"] == variables["region"]["default"]
+    assert deploy["env"]["CLUSTER"] == f"konnichiwa-{variables['environment']['default']}"
+    assert terraform_locals(ECS)["name"] == "konnichiwa-${var.environment}"
+    repository = terraform_blocks(ECS, "resource", "aws_ecr_repository")["service"]["name"]
+    (build,) = [s for s in deploy["steps"] if "build-push-action" in s.get("uses", "")]
+    assert build["with"]["tags"].endswith(f"/{repository}:${{{{ env.IMAGE_TAG }}}}")
+    assert build["with"]["target"] == "service"

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from konnichiwa import __version__
 from konnichiwa.audit import audit_backlog
+from konnichiwa.coalesce import CoalescedRead
 from konnichiwa.errors import DEPENDENCY_ERRORS
 from konnichiwa.health import CHECK_TIMEOUT, check_dependencies
 from konnichiwa.postgres import pg_pool
@@ -46,6 +47,7 @@ from konnichiwa.schemas import (
     Swap,
     Traffic,
     WorkerFigures,
+    encode,
     json_response,
     rfc3339,
 )
@@ -178,11 +180,19 @@ class Sampler:
 
 
 sampler = web.AppKey("capacity_sampler", Sampler)
+# Concurrent /inspect requests share one rendering made after they arrived (see coalesce.py):
+# under load a wave of operators' polls costs one pass over the scoreboard.
+inspections = web.AppKey("inspections", CoalescedRead[bytes])
 
 
 async def capacity_ctx(app: web.Application) -> AsyncIterator[None]:
     """Sample this worker's figures once a second while it serves."""
     running = app[sampler] = Sampler(app)
+
+    async def render() -> bytes:
+        return encode(inspection(app))
+
+    app[inspections] = CoalescedRead(render)
     await running.start()
     task = asyncio.create_task(running.run(), name="capacity-sampler")
     yield
@@ -193,10 +203,7 @@ async def capacity_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def traffic(board: Scoreboard) -> Traffic:
     """Requests served, in flight, rates and latency percentiles, summed over every worker."""
-    totals = board.route_totals()
-    by_class = {
-        name: sum(route[index] for route in totals) for index, name in enumerate(STATUS_CLASSES)
-    }
+    by_class = dict(zip(STATUS_CLASSES, board.status_totals(), strict=True))
     last_10s, last_60s = board.windows((10, 60))
     latency = [percentile(last_60s.histogram, q) for q in (0.5, 0.95, 0.99)]
     in_flight = sum(figures[IN_FLIGHT] for _, figures in board.workers())
@@ -273,4 +280,4 @@ async def inspect(request: web.Request) -> web.Response:
     Figures from psutil and the dependency checks are at most about a second old; traffic
     counts are exact up to the moment of asking.
     """
-    return json_response(inspection(request.app))
+    return json_response(await request.app[inspections].get())

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import functools
 import mmap
+import operator
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -100,12 +102,14 @@ class Window(NamedTuple):
 class Scoreboard:
     """All slots, for reading; `slot(n)` writes one worker's."""
 
-    __slots__ = ("cells", "file", "memory")
+    __slots__ = ("_settled", "cells", "file", "memory")
 
     def __init__(self, file: ScoreboardFile, memory: mmap.mmap) -> None:
         self.file = file
         self.memory = memory
         self.cells = memoryview(memory).cast("q")
+        # ((second, window lengths), the sums of each window's past seconds): see `windows`.
+        self._settled: tuple[tuple[int, tuple[int, ...]], list[list[int]]] | None = None
 
     @classmethod
     def open(cls, file: ScoreboardFile) -> Scoreboard:
@@ -147,37 +151,75 @@ class Scoreboard:
         for number in range(self.file.slots):
             yield number, self.worker(number)
 
+    def _route_cells(self) -> Iterator[memoryview]:
+        width = self.file.routes * ROUTE_CELLS
+        for number in range(self.file.slots):
+            start = self._base(number) + WORKER_CELLS
+            yield self.cells[start : start + width]
+
     def route_totals(self) -> list[list[int]]:
         """Per route, summed over workers: responses by status class, latency sum, histogram."""
-        width = self.file.routes * ROUTE_CELLS
-        starts = [self._base(number) + WORKER_CELLS for number in range(self.file.slots)]
-        slots = [self.cells[start : start + width] for start in starts]
-        summed = [sum(cells) for cells in zip(*slots, strict=True)]
-        return [summed[at : at + ROUTE_CELLS] for at in range(0, width, ROUTE_CELLS)]
+        summed = _sum_columns(cells.tolist() for cells in self._route_cells())
+        return [summed[at : at + ROUTE_CELLS] for at in range(0, len(summed), ROUTE_CELLS)]
+
+    def status_totals(self) -> list[int]:
+        """Responses by status class, summed over routes and workers (strided reads, no copies
+        of the histograms: /inspect asks this on every call)."""
+        return [
+            sum(sum(cells[index::ROUTE_CELLS]) for cells in self._route_cells())
+            for index in range(len(STATUS_CLASSES))
+        ]
 
     def windows(self, lengths: Sequence[int], now: float | None = None) -> list[Window]:
-        """For each length, the requests that finished in that many last seconds (this one too)."""
+        """For each length, the requests that finished in that many last seconds (this one too).
+
+        Past seconds no longer change, so their sums are kept until the clock moves on to the
+        next second; each call adds only the rows of the current second.
+        """
         now = time.monotonic() if now is None else now
         current = int(now)
-        ring_at = WORKER_CELLS + self.file.routes * ROUTE_CELLS
-        rows: list[tuple[int, list[int]]] = []  # (age in seconds, histogram) of recent seconds
-        for number in range(self.file.slots):
-            start = self._base(number) + ring_at
-            ring = self.cells[start : start + RING_SECONDS * RING_ROW].tolist()
-            rows += [
-                (current - ring[at], ring[at + 1 : at + RING_ROW])
-                for at in range(0, len(ring), RING_ROW)
-                if 0 <= current - ring[at] < RING_SECONDS
-            ]
+        key = (current, tuple(lengths))
+        if self._settled is None or self._settled[0] != key:
+            past = self._ring_rows(current)
+            self._settled = (
+                key,
+                [
+                    _sum_columns(histogram for age, histogram in past if 0 < age < length)
+                    for length in lengths
+                ],
+            )
+        fresh = [histogram for age, histogram in self._ring_rows(current, 1) if age == 0]
         # A service younger than the window has not had all of it to serve requests in.
         served_for = max(time.time() - self.started, 1e-3)
         windows = []
-        for length in lengths:
-            inside = [histogram for age, histogram in rows if age < length]
-            histogram = [sum(counts) for counts in zip(*inside, strict=True)] or [0] * BUCKETS
+        for length, settled in zip(lengths, self._settled[1], strict=True):
+            histogram = _sum_columns([settled, *fresh] if settled else fresh) or [0] * BUCKETS
             covered = min(length - 1 + (now - current), served_for)
             windows.append(Window(covered, sum(histogram), histogram))
         return windows
+
+    def _ring_rows(self, current: int, seconds: int = RING_SECONDS) -> list[tuple[int, list[int]]]:
+        """(age in seconds, histogram) of every worker's ring rows of the last `seconds`."""
+        ring_at = WORKER_CELLS + self.file.routes * ROUTE_CELLS
+        rows = []
+        for number in range(self.file.slots):
+            start = self._base(number) + ring_at
+            for second in range(current - seconds + 1, current + 1):
+                row = start + (second % RING_SECONDS) * RING_ROW
+                if self.cells[row] == second:
+                    rows.append((current - second, self.cells[row + 1 : row + RING_ROW].tolist()))
+        return rows
+
+
+def _sum_columns(rows: Iterable[list[int]]) -> list[int]:
+    """Element-wise sum of equal-length rows (C-level loops: `map` over `operator.add`)."""
+    remaining = iter(rows)
+    first = next(remaining, None)
+    if first is None:
+        return []
+    return functools.reduce(
+        lambda total, row: list(map(operator.add, total, row)), remaining, first
+    )
 
 
 def percentile(histogram: Sequence[int], fraction: float) -> float | None:

@@ -9,14 +9,18 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from konnichiwa import audit, greeting, health, openapi, state, users
+from konnichiwa import audit, cloud, greeting, health, openapi, state, users
 from konnichiwa.auth import Scope, requires
+from konnichiwa.aws import AwsService
 from konnichiwa.schemas import (
+    BucketList,
     Greeting,
     GreetingQuery,
     LogsPage,
     NewUser,
     PageQuery,
+    Parameter,
+    ParameterList,
     Readiness,
     Status,
     UpdateRequest,
@@ -27,6 +31,7 @@ from konnichiwa.schemas import (
 from konnichiwa.settings import ServiceName
 
 BOTH_ROLES: Final[frozenset[ServiceName]] = frozenset({"api", "aux"})
+AWS_UNAVAILABLE: Final = "AWS is throttling, failing or unreachable and no cached answer is left"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,8 @@ class Route:
     body: type | None = None  # msgspec struct the JSON body is validated into
     responses: Mapping[int, type | str] = dataclasses.field(default_factory=dict)
     roles: frozenset[ServiceName] = BOTH_ROLES
+    # The AWS services the handler calls: a worker opens clients only for those its routes use.
+    aws: frozenset[AwsService] = frozenset()
     # Responses in another media type than JSON (text/plain, text/html).
     media_type: str = "application/json"
 
@@ -70,6 +77,16 @@ ROUTES: Final[tuple[Route, ...]] = (
           scope="read", query=PageQuery, responses={200: UsersPage}),
     Route("GET", "/users/{id}", users.show, "One user", "users",
           scope="read", responses={200: User, 404: "No such user"}),
+    Route("GET", "/config", cloud.config_index, "Parameters under this service's SSM prefix",
+          "cloud", scope="config", aws=frozenset({"ssm"}),
+          responses={200: ParameterList, 503: AWS_UNAVAILABLE}),
+    Route("GET", "/config/{name:.*}", cloud.config_show, "One SSM parameter with its value",
+          "cloud", scope="config", aws=frozenset({"ssm"}),
+          responses={200: Parameter, 400: "The name is not a valid parameter name",
+                     404: "No such parameter under the prefix", 503: AWS_UNAVAILABLE}),
+    Route("GET", "/storage", cloud.storage, "The account's S3 buckets", "cloud",
+          scope="config", aws=frozenset({"s3"}), roles=frozenset({"api"}),
+          responses={200: BucketList, 503: AWS_UNAVAILABLE}),
     Route("GET", "/openapi.json", openapi.spec, "This OpenAPI document", "docs",
           responses={200: "OpenAPI 3.1 document"}),
     Route("GET", "/docs", openapi.docs, "Swagger UI", "docs",
@@ -80,6 +97,11 @@ ROUTES: Final[tuple[Route, ...]] = (
 def routes_for(role: ServiceName) -> tuple[Route, ...]:
     """The routes a service role serves."""
     return tuple(route for route in ROUTES if role in route.roles)
+
+
+def aws_services(routes: tuple[Route, ...]) -> frozenset[AwsService]:
+    """The AWS services `routes` call."""
+    return frozenset(service for route in routes for service in route.aws)
 
 
 def setup_routes(app: web.Application, role: ServiceName) -> None:

@@ -267,7 +267,7 @@ def _set_iam_enforcement(url: str, unchecked_calls: str) -> None:
     request = urllib.request.Request(  # noqa: S310  (the local emulator)
         url + "/moto-api/reset-auth", data=unchecked_calls.encode(), method="POST"
     )
-    with urllib.request.urlopen(request, timeout=10) as answer:
+    with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
         assert answer.status == 200
 
 

@@ -140,7 +140,7 @@ def _client_problem(exc: ClientError, permission: str, subject: str) -> Problem:
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     if code in _NOT_FOUND_CODES:
         return Problem(404, "Not Found", f"There is no {subject}.", type="/problems/not-found")
-    if code in _DENIED_CODES:
+    if code in _DENIED_CODES or (status == 403 and code not in _CREDENTIAL_CODES):
         log.error("AWS denied %s: %s", permission, error.get("Message", ""))
         return Problem(
             403,

@@ -11,10 +11,13 @@ import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
 from moto.server import ThreadedMotoServer
 from pytest_aiohttp import AiohttpClient
 
@@ -121,10 +124,32 @@ def moto_server() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
     try:
-        yield f"http://{host}:{port}"
+        asyncio.run(_load_emulated_services(url))
+        yield url
     finally:
         server.stop()
+
+
+async def _load_emulated_services(url: str) -> None:
+    """moto loads a service on its first call, which can take seconds: not in a test's time."""
+    args: dict[str, Any] = {
+        "endpoint_url": url,
+        "region_name": "us-east-1",
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+        "config": AioConfig(read_timeout=120, retries={"max_attempts": 1}),
+    }
+    session = get_session()
+    async with session.create_client("ssm", **args) as ssm:
+        await ssm.describe_parameters()
+    async with session.create_client("s3", **args) as s3:
+        await s3.list_buckets()
+    async with session.create_client("secretsmanager", **args) as secretsmanager:
+        await secretsmanager.list_secrets()
+    async with session.create_client("iam", **args) as iam:
+        await iam.list_users()
 
 
 @pytest.fixture

@@ -183,13 +183,13 @@ BAD_NAMES = [
 ]
 
 
-@pytest.mark.parametrize(("path", "status"), BAD_NAMES)
-async def test_bad_names_never_reach_aws(make_client: MakeClient, path: str, status: int) -> None:
+async def test_bad_names_never_reach_aws(make_client: MakeClient) -> None:
     # Nothing listens at this endpoint: any AWS call would make the answer a 503.
     client = await make_client(aws_endpoint_url=f"http://127.0.0.1:{free_port()}")
-    response = await client.get(path, headers=CONFIG_AUTH)
-    assert response.status == status
-    assert response.content_type == "application/problem+json"
+    for path, status in BAD_NAMES:
+        response = await client.get(path, headers=CONFIG_AUTH)
+        assert (path, response.status) == (path, status)
+        assert response.content_type == "application/problem+json"
 
 
 @pytest.mark.parametrize(

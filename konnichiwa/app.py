@@ -7,13 +7,16 @@ from aiohttp import web, web_response
 
 from konnichiwa.audit import audit_writer_ctx
 from konnichiwa.auth import KeyRing, keyring
+from konnichiwa.aws import AwsService, aws_ctx
 from konnichiwa.capacity import capacity_ctx
+from konnichiwa.cloud import setup_cloud
 from konnichiwa.errors import problem_middleware
+from konnichiwa.key_refresh import api_key_refresh_ctx
 from konnichiwa.metrics import route_labels
 from konnichiwa.openapi import build_spec, openapi_document
 from konnichiwa.postgres import pg_ctx
 from konnichiwa.redis_store import redis_ctx
-from konnichiwa.routes import routes_for, setup_routes
+from konnichiwa.routes import aws_services, routes_for, setup_routes
 from konnichiwa.scoreboard import Scoreboard, scoreboard, worker_slot
 from konnichiwa.settings import Settings, settings_key
 from konnichiwa.state import setup_state
@@ -52,6 +55,12 @@ def create_app(
     app[keyring] = KeyRing(settings.api_keys)
     app[openapi_document] = msgspec.json.encode(build_spec(routes, settings.service_name))
     setup_state(app)
-    app.cleanup_ctx.extend([redis_ctx, pg_ctx, audit_writer_ctx, capacity_ctx])
+    setup_cloud(app)
+    services: set[AwsService] = set(aws_services(routes))
+    if settings.api_key_secret_id is not None:
+        services.add("secretsmanager")
+    app.cleanup_ctx.extend([redis_ctx, pg_ctx, audit_writer_ctx, capacity_ctx, aws_ctx(services)])
+    if settings.api_key_secret_id is not None:
+        app.cleanup_ctx.append(api_key_refresh_ctx)
     numbers.update(setup_routes(app, settings.service_name))
     return app

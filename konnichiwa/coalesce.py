@@ -1,6 +1,8 @@
 """Coalescing: many concurrent requests served by one round trip to a store, still linearizable.
 
-(Also `Memo`, for results that can never change: computed once, shared by all who ask.)
+(Also `Memo`, for results that can never change: computed once, shared by all who ask; and
+`TtlCache`, for answers from a rate-limited source that may be a little old: fetched once per
+time to live, served stale for a while when the source fails.)
 
 A request may share only a round trip that starts after it arrived: one already on the wire may
 have been answered before a write the request saw acknowledged. So a request arriving while a
@@ -12,9 +14,10 @@ requests; when idle, a request starts its own at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 _T = TypeVar("_T")
 _K = TypeVar("_K", bound=Hashable)
@@ -82,3 +85,83 @@ class Memo(Generic[_K, _T]):
     def _forget_failure(self, key: _K, done: asyncio.Future[_T]) -> None:
         if (done.cancelled() or done.exception() is not None) and self._values.get(key) is done:
             del self._values[key]  # the next request tries again
+
+
+class Cached(NamedTuple, Generic[_T]):
+    """A value from a `TtlCache`, how old it is, and where it came from: kept and fresh (`hit`),
+    fetched for this request (`miss`), or kept past its time to live because the source failed
+    (`stale`)."""
+
+    value: _T
+    age: float
+    status: Literal["hit", "miss", "stale"]
+
+
+class _Entry(Generic[_T]):
+    __slots__ = ("fetched_at", "retry_at", "value")
+
+    def __init__(self, value: _T, fetched_at: float) -> None:
+        self.value = value
+        self.fetched_at = fetched_at
+        self.retry_at = fetched_at
+
+
+class TtlCache(Generic[_K, _T]):
+    """Values kept `ttl` seconds for the most recent keys; concurrent misses of a key make one
+    fetch (single-flight). When a fetch fails with one of `outages`, the last good value is
+    served for up to `stale` seconds past its time to live, and the source is left alone for
+    `retry_interval` seconds before the next try."""
+
+    __slots__ = ("_entries", "_in_flight", "_outages", "_retry", "_size", "_stale", "_ttl")
+
+    def __init__(
+        self,
+        ttl: float,
+        stale: float,
+        outages: tuple[type[BaseException], ...],
+        size: int = 1024,
+        retry_interval: float = 2.0,
+    ) -> None:
+        self._ttl, self._stale, self._retry = ttl, stale, retry_interval
+        self._outages = outages
+        self._size = size
+        self._entries: OrderedDict[_K, _Entry[_T]] = OrderedDict()
+        self._in_flight: dict[_K, asyncio.Future[_T]] = {}
+
+    async def get(self, key: _K, fetch: Callable[[], Awaitable[_T]]) -> Cached[_T]:
+        now = time.monotonic()
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            if now - entry.fetched_at < self._ttl:
+                return Cached(entry.value, now - entry.fetched_at, "hit")
+            if now < entry.retry_at and self._servable(entry, now):
+                return Cached(entry.value, now - entry.fetched_at, "stale")
+        future = self._in_flight.get(key)
+        if future is None:
+            future = self._in_flight[key] = asyncio.ensure_future(self._fetch(key, fetch))
+            future.add_done_callback(_retrieved)
+        try:
+            value = await asyncio.shield(future)
+        except self._outages:
+            now = time.monotonic()
+            entry = self._entries.get(key)
+            if entry is None or not self._servable(entry, now):
+                raise
+            entry.retry_at = now + self._retry
+            return Cached(entry.value, now - entry.fetched_at, "stale")
+        return Cached(value, 0.0, "miss")
+
+    def _servable(self, entry: _Entry[_T], now: float) -> bool:
+        return now - entry.fetched_at < self._ttl + self._stale
+
+    async def _fetch(self, key: _K, fetch: Callable[[], Awaitable[_T]]) -> _T:
+        try:
+            value = await fetch()
+        finally:
+            del self._in_flight[key]
+        self._entries[key] = _Entry(value, time.monotonic())
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return value

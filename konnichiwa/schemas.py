@@ -150,6 +150,33 @@ class Readiness(msgspec.Struct):
     audit_backlog: AuditBacklog
 
 
+ParameterType = Literal["String", "StringList", "SecureString"]
+
+
+class Parameter(msgspec.Struct):
+    """An SSM parameter. `value` is null for a SecureString unless the key may decrypt it."""
+
+    name: Annotated[str, msgspec.Meta(examples=["/konnichiwa/dev/db/host"])]
+    type: ParameterType
+    version: int
+    last_modified: str
+    value: str | None
+
+
+class ParameterList(msgspec.Struct):
+    prefix: str
+    parameters: list[Parameter]
+
+
+class Bucket(msgspec.Struct):
+    name: str
+    creation_date: str
+
+
+class BucketList(msgspec.Struct):
+    buckets: list[Bucket]
+
+
 _AT_PATH: Final = re.compile(r"^(?P<message>.*?) - at `\$\.?(?P<path>[^`]*)`$")
 _NAMED_FIELD: Final = re.compile(r"field `(?P<field>[^`]+)`")
 

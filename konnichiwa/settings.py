@@ -24,6 +24,13 @@ VARIABLES: Final = (
     "PORT", "HOST", "WORKERS", "SERVICE_NAME", "ENVIRONMENT", "LOG_LEVEL", "LOG_FORMAT",
     "ACCESS_LOG", "API_KEY", "API_KEYS", "API_KEY_SECRET_ID", "REDIS_URL", "DATABASE_URL",
     "AWS_REGION", "AWS_ENDPOINT_URL", "SSM_PREFIX", "KONNICHIWA_STATE_DIR", "MAX_BODY_BYTES",
+    "CONFIG_CACHE_SECONDS", "CONFIG_STALE_SECONDS", "API_KEY_REFRESH_SECONDS",
+)  # fmt: skip
+# The AWS SDK's own variables: any of them set in dev means "use AWS", not the embedded emulator.
+AWS_SDK_VARIABLES: Final = (
+    "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ACCESS_KEY_ID",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
 )  # fmt: skip
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
@@ -53,13 +60,22 @@ class Settings:
     aws_region: str = "ap-northeast-1"
     aws_endpoint_url: str | None = None
     ssm_prefix: str = "/konnichiwa/dev/"
+    # Start the embedded AWS emulator (dev without any AWS configuration).
+    emulate_aws: bool = False
+    # Static credentials for an emulator; AWS itself is reached with the SDK's credential chain.
+    aws_credentials: tuple[str, str] | None = dataclasses.field(default=None, repr=False)
+    config_cache_seconds: int = 30
+    config_stale_seconds: int = 300
+    api_key_refresh_seconds: int = 300
     state_dir: Path = Path(".konnichiwa")
     max_body_bytes: int = 64 * 1024
 
     @property
     def embedded(self) -> bool:
-        """Whether the dev stack must start its own Redis-compatible and Postgres servers."""
-        return self.environment == "dev" and (self.redis_url is None or self.database_url is None)
+        """Whether the dev stack must start its own servers (Valkey, Postgres, AWS emulator)."""
+        return self.environment == "dev" and (
+            self.redis_url is None or self.database_url is None or self.emulate_aws
+        )
 
     @classmethod
     def from_env(
@@ -108,6 +124,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         aws_region=_aws_region(get),
         aws_endpoint_url=_url(get, "AWS_ENDPOINT_URL", ("http", "https")),
         ssm_prefix=_ssm_prefix(get, environment),
+        emulate_aws=environment == "dev" and not any(get(name) for name in AWS_SDK_VARIABLES),
+        config_cache_seconds=_with_default(_integer(get, "CONFIG_CACHE_SECONDS", 0, 3600), 30),
+        config_stale_seconds=_with_default(_integer(get, "CONFIG_STALE_SECONDS", 0, 86400), 300),
+        api_key_refresh_seconds=_integer(get, "API_KEY_REFRESH_SECONDS", 1, 86400) or 300,
         state_dir=Path(get("KONNICHIWA_STATE_DIR") or ".konnichiwa"),
         max_body_bytes=_integer(get, "MAX_BODY_BYTES", 1024, 16 * 1024 * 1024) or 64 * 1024,
     )
@@ -152,6 +172,10 @@ def _integer(get: Getter, name: str, low: int, high: int) -> int | None:
             f"{name}={raw!r} is not valid: expected an integer from {low} to {high}"
         )
     return int(raw)
+
+
+def _with_default(value: int | None, default: int) -> int:
+    return default if value is None else value  # unlike `or`, keeps an explicit 0
 
 
 def _boolean(get: Getter, name: str) -> bool:

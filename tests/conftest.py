@@ -1,4 +1,4 @@
-"""Fixtures: real Valkey and Postgres for the session, a fresh database and Redis per test."""
+"""Fixtures: real Valkey, Postgres and AWS emulator for the session; fresh state per test."""
 
 from __future__ import annotations
 
@@ -8,12 +8,17 @@ import itertools
 import os
 import shutil
 import tempfile
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from moto.server import ThreadedMotoServer
 from pytest_aiohttp import AiohttpClient
 
 from konnichiwa.app import create_app
@@ -21,7 +26,7 @@ from konnichiwa.auth import SCOPES, ApiKey
 from konnichiwa.embedded import embedded_stack
 from konnichiwa.postgres import migrate
 from konnichiwa.settings import Settings
-from tests.support import FULL_KEY, READ_KEY, Client, Servers, database_url_for
+from tests.support import FULL_KEY, READ_KEY, Client, Servers, database_url_for, free_port
 
 TEMPLATE_DATABASE = "konnichiwa_template"
 _database_numbers = itertools.count()
@@ -111,3 +116,46 @@ def settings(redis_url: str, database_url: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 async def client(aiohttp_client: AiohttpClient, settings: Settings) -> Client:
     return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's AWS emulator, over real HTTP on a local port, for the whole session."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    try:
+        asyncio.run(_load_emulated_services(url))
+        yield url
+    finally:
+        server.stop()
+
+
+async def _load_emulated_services(url: str) -> None:
+    """moto loads a service on its first call, which can take seconds: not in a test's time."""
+    args: dict[str, Any] = {
+        "endpoint_url": url,
+        "region_name": "us-east-1",
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+        "config": AioConfig(read_timeout=120, retries={"max_attempts": 1}),
+    }
+    session = get_session()
+    async with session.create_client("ssm", **args) as ssm:
+        await ssm.describe_parameters()
+    async with session.create_client("s3", **args) as s3:
+        await s3.list_buckets()
+    async with session.create_client("secretsmanager", **args) as secretsmanager:
+        await secretsmanager.list_secrets()
+    async with session.create_client("iam", **args) as iam:
+        await iam.list_users()
+
+
+@pytest.fixture
+def aws_url(moto_server: str) -> str:
+    """The emulator with every service emptied (moto's reset API) before the test."""
+    reset = urllib.request.Request(moto_server + "/moto-api/reset", method="POST")  # noqa: S310
+    with urllib.request.urlopen(reset, timeout=10) as answer:  # noqa: S310  (local emulator)
+        assert answer.status == 200
+    return moto_server

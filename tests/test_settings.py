@@ -47,6 +47,9 @@ def test_defaults() -> None:
         ({"API_KEY": "short"}, "API_KEY", "at least 16 characters"),
         ({"API_KEYS": "a-long-enough-key-123:read+admin"}, "API_KEYS", "unknown scope 'admin'"),
         ({"MAX_BODY_BYTES": "1"}, "MAX_BODY_BYTES", "an integer from 1024"),
+        ({"CONFIG_CACHE_SECONDS": "-1"}, "CONFIG_CACHE_SECONDS", "an integer from 0 to 3600"),
+        ({"CONFIG_STALE_SECONDS": "a"}, "CONFIG_STALE_SECONDS", "an integer from 0 to 86400"),
+        ({"API_KEY_REFRESH_SECONDS": "0"}, "API_KEY_REFRESH_SECONDS", "an integer from 1"),
     ],
 )
 def test_bad_values_name_the_variable(environ: dict[str, str], named: str, expected: str) -> None:
@@ -72,6 +75,31 @@ def test_prod_requires_an_api_key_source() -> None:
     with pytest.raises(SettingsError, match="API_KEY, API_KEYS or API_KEY_SECRET_ID"):
         Settings.from_env(environ, env_file=None)
     assert Settings.from_env({**environ, "API_KEY_SECRET_ID": "konnichiwa/keys"}, env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("environ", "emulated"),
+    [
+        ({}, True),
+        ({"AWS_REGION": "us-west-2"}, False),
+        ({"AWS_ENDPOINT_URL": "http://localhost:4566"}, False),
+        ({"AWS_PROFILE": "dev"}, False),
+        ({**PROD, "API_KEY": "a-production-key-0123456789"}, False),
+    ],
+)
+def test_aws_is_emulated_only_in_dev_without_aws_configuration(
+    environ: dict[str, str], emulated: bool
+) -> None:
+    settings = Settings.from_env(environ, env_file=None)
+    assert settings.emulate_aws is emulated
+
+
+def test_cache_settings() -> None:
+    defaults = Settings.from_env({}, env_file=None)
+    assert (defaults.config_cache_seconds, defaults.config_stale_seconds) == (30, 300)
+    assert defaults.api_key_refresh_seconds == 300
+    off = Settings.from_env({"CONFIG_CACHE_SECONDS": "0", "CONFIG_STALE_SECONDS": "0"}, None)
+    assert (off.config_cache_seconds, off.config_stale_seconds) == (0, 0)
 
 
 def test_prod_never_embeds() -> None:

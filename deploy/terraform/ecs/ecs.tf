@@ -13,6 +13,10 @@ locals {
     ACCESS_LOG     = "false"
     AWS_REGION     = var.region
     MAX_BODY_BYTES = tostring(var.max_body_bytes)
+    # SSM answers are cached (its quota is ~40 requests/s) and served stale while AWS fails.
+    CONFIG_CACHE_SECONDS    = "30"
+    CONFIG_STALE_SECONDS    = "300"
+    API_KEY_REFRESH_SECONDS = "300"
   }
 
   # Each role's own settings: its name and the SSM path its task role may read.

@@ -1,0 +1,175 @@
+"""`/config` and `/storage`: SSM parameters and S3 buckets, read through a cache that spares AWS.
+
+SSM allows about 40 requests a second per account and region, far below this service's traffic:
+every answer is cached per worker for CONFIG_CACHE_SECONDS, concurrent misses share one call, and
+when AWS fails the last good answer is served (for at most CONFIG_STALE_SECONDS more) with
+`X-Cache: stale`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+from konnichiwa.auth import api_key
+from konnichiwa.aws import AwsUnavailable, aws_errors, s3_client, ssm_client
+from konnichiwa.coalesce import TtlCache
+from konnichiwa.errors import Problem
+from konnichiwa.schemas import (
+    Bucket,
+    BucketList,
+    Parameter,
+    ParameterList,
+    encode,
+    json_response,
+    rfc3339,
+)
+from konnichiwa.settings import settings_key
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_ssm import SSMClient
+    from types_aiobotocore_ssm.type_defs import ParameterTypeDef
+
+CacheKey = tuple[str, ...]
+aws_cache = web.AppKey("aws_cache", TtlCache[CacheKey, bytes])
+
+# SSM's rules for a parameter name: these characters, at most 15 levels, 1011 characters in all.
+_NAME_SEGMENT: Final = re.compile(r"[A-Za-z0-9_.\-]+")
+MAX_NAME_LENGTH: Final = 1011
+MAX_NAME_LEVELS: Final = 15
+CACHE_HEADER: Final = "X-Cache"
+
+
+def parameter_name(raw: str, prefix: str) -> str:
+    """The full SSM name for `raw` (relative to `prefix`, or absolute within it).
+
+    Raises a 400 problem for a name SSM would refuse or that climbs (`..`), and a 404 for one
+    outside `prefix`: either way AWS is never asked.
+    """
+    full = raw if raw.startswith("/") else prefix + raw
+    segments = full.split("/")[1:]
+    problem = None
+    if not raw:
+        problem = "Give a parameter name: /config/db/host or /config/" + prefix + "db/host."
+    elif any(segment in {".", ".."} for segment in segments):
+        problem = "A parameter name cannot contain '.' or '..' segments."
+    elif not all(_NAME_SEGMENT.fullmatch(segment) for segment in segments):
+        problem = (
+            "A parameter name is segments of letters, digits, '_', '.' and '-' "
+            "separated by single '/'."
+        )
+    elif len(full) > MAX_NAME_LENGTH or len(segments) > MAX_NAME_LEVELS:
+        problem = (
+            f"A parameter name has at most {MAX_NAME_LEVELS} levels "
+            f"and {MAX_NAME_LENGTH} characters."
+        )
+    if problem is not None:
+        raise Problem(400, "Bad Request", problem, type="/problems/invalid-parameter-name")
+    if not full.startswith(prefix):
+        raise Problem(
+            404,
+            "Not Found",
+            f"This service reads only the parameters under {prefix}.",
+            type="/problems/not-found",
+        )
+    return full
+
+
+def describe_parameter(found: ParameterTypeDef, decrypted: bool) -> Parameter:
+    kind = found["Type"]
+    visible = kind != "SecureString" or decrypted
+    return Parameter(
+        name=found["Name"],
+        type=kind,
+        version=found["Version"],
+        last_modified=rfc3339(found["LastModifiedDate"]),
+        value=found["Value"] if visible else None,
+    )
+
+
+async def list_parameters(ssm: SSMClient, prefix: str) -> ParameterList:
+    """Every parameter under `prefix`, all pages of SSM's answer; no SecureString value."""
+    parameters = []
+    with aws_errors("ssm:GetParametersByPath", f"parameter path {prefix}"):
+        pages = ssm.get_paginator("get_parameters_by_path").paginate(
+            Path=prefix.rstrip("/"), Recursive=True, WithDecryption=False
+        )
+        async for page in pages:
+            parameters += [describe_parameter(found, False) for found in page["Parameters"]]
+    parameters.sort(key=lambda parameter: parameter.name)
+    return ParameterList(prefix, parameters)
+
+
+async def read_parameter(ssm: SSMClient, name: str, decrypt: bool) -> Parameter:
+    permission = "ssm:GetParameter" + (" (and kms:Decrypt on its key)" if decrypt else "")
+    with aws_errors(permission, f"parameter {name}"):
+        answer = await ssm.get_parameter(Name=name, WithDecryption=decrypt)
+    return describe_parameter(answer["Parameter"], decrypt)
+
+
+async def list_buckets(s3: S3Client) -> BucketList:
+    """The account's buckets, all pages."""
+    buckets = []
+    with aws_errors("s3:ListAllMyBuckets", "bucket list"):
+        async for page in s3.get_paginator("list_buckets").paginate():
+            buckets += [
+                Bucket(bucket.get("Name", ""), _timestamp(bucket.get("CreationDate")))
+                for bucket in page.get("Buckets", [])
+            ]
+    return BucketList(buckets)
+
+
+def _timestamp(moment: datetime | None) -> str:
+    return "" if moment is None else rfc3339(moment)
+
+
+async def _cached(
+    request: web.Request, key: CacheKey, read: Callable[[], Awaitable[object]]
+) -> web.Response:
+    async def fetch() -> bytes:
+        return encode(await read())
+
+    answer = await request.app[aws_cache].get(key, fetch)
+    headers = {CACHE_HEADER: answer.status, "Age": str(math.floor(answer.age))}
+    return json_response(answer.value, headers=headers)
+
+
+async def config_index(request: web.Request) -> web.Response:
+    """Every parameter under this service's SSM prefix (all pages): name, type, version, last
+    change, and the value of String and StringList parameters (SecureString values are never
+    listed)."""
+    prefix = request.app[settings_key].ssm_prefix
+    ssm = request.app[ssm_client]
+    return await _cached(request, ("list", prefix), lambda: list_parameters(ssm, prefix))
+
+
+async def config_show(request: web.Request) -> web.Response:
+    """One parameter with its value. The name may be relative to the prefix (`db/host`) or
+    absolute within it (`/konnichiwa/dev/db/host`). A SecureString's value is decrypted only for
+    keys with the `secrets` scope (null otherwise)."""
+    name = parameter_name(request.match_info["name"], request.app[settings_key].ssm_prefix)
+    decrypt = "secrets" in request[api_key].scopes
+    ssm = request.app[ssm_client]
+    key = ("parameter", name, "decrypted" if decrypt else "plain")
+    return await _cached(request, key, lambda: read_parameter(ssm, name, decrypt))
+
+
+async def storage(request: web.Request) -> web.Response:
+    """The account's S3 buckets: name and creation date."""
+    s3 = request.app[s3_client]
+    return await _cached(request, ("buckets",), lambda: list_buckets(s3))
+
+
+def setup_cloud(app: web.Application) -> None:
+    settings = app[settings_key]
+    app[aws_cache] = TtlCache(
+        ttl=settings.config_cache_seconds,
+        stale=settings.config_stale_seconds,
+        outages=(AwsUnavailable,),
+    )

@@ -43,6 +43,7 @@ MAX_RESTART_DELAY: Final = 30.0
 STABLE_SECONDS: Final = 10.0  # a worker that lived this long resets the restart back-off
 
 PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
+ORPHANED: Final = signal.SIGUSR1  # what a worker gets when its supervisor dies
 
 _spawn = multiprocessing.get_context("spawn")
 
@@ -57,13 +58,18 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def _stop_with_parent(parent: int) -> None:
-    """Have the kernel send SIGTERM when the supervisor dies, even by SIGKILL (Linux)."""
+    """Have the kernel send ORPHANED when the supervisor dies, even by SIGKILL (Linux).
+
+    A signal of its own, not the supervisor's SIGTERM: the worker must know that nobody else will
+    clean up after it. (The parent pid cannot tell: while the dying supervisor's other threads
+    exit, the worker's parent is still that process.)
+    """
     libc_name = ctypes.util.find_library("c")
     if sys.platform != "linux" or libc_name is None:
         return
-    ctypes.CDLL(libc_name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL(libc_name, use_errno=True).prctl(PR_SET_PDEATHSIG, ORPHANED)
     if os.getppid() != parent:  # it died before the request was in place
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), ORPHANED)
 
 
 def run_worker(
@@ -72,13 +78,17 @@ def run_worker(
     """A worker process: serve until SIGTERM or SIGINT, then drain and close the pools."""
     configure_logging(settings)
     _stop_with_parent(parent)
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        runner.run(_serve(settings, ready, Scoreboard.open(board), slot))
-    if os.getppid() != parent:  # the supervisor died without cleaning up: do it for it
-        shutil.rmtree(board.path.parent, ignore_errors=True)
+    orphaned = False
+    try:
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            orphaned = runner.run(_serve(settings, ready, Scoreboard.open(board), slot))
+    finally:
+        if orphaned or os.getppid() != parent:  # the supervisor died: clean up for it
+            shutil.rmtree(board.path.parent, ignore_errors=True)
 
 
-async def _serve(settings: Settings, ready: Event, board: Scoreboard, slot: int) -> None:
+async def _serve(settings: Settings, ready: Event, board: Scoreboard, slot: int) -> bool:
+    """Serve until a signal; whether it was the one saying the supervisor died."""
     runner = web.AppRunner(
         create_app(settings, board, slot),
         access_log=access_logger if settings.access_log else None,
@@ -87,9 +97,15 @@ async def _serve(settings: Settings, ready: Event, board: Scoreboard, slot: int)
     )
     await runner.setup()  # runs the cleanup contexts: Redis PING, Postgres migrations
     stop = asyncio.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    for signum in (signal.SIGTERM, signal.SIGINT, ORPHANED):
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=2048)
         await site.start()
@@ -98,6 +114,7 @@ async def _serve(settings: Settings, ready: Event, board: Scoreboard, slot: int)
         log.info("draining")
     finally:
         await runner.cleanup()
+    return ORPHANED in received
 
 
 @dataclasses.dataclass(frozen=True)

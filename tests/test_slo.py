@@ -39,13 +39,18 @@ def test_misses(changes: dict[str, Any], steady_rate: float, missed: list[str]) 
 
 def test_slo_run_passes_on_the_embedded_stack(server_dir: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "loadtests.slo", "--run-time", "10", "--results", str(server_dir),
-         "--mix", "reader=70,writer=20,admin=5"],
+        [sys.executable, "-m", "loadtests.slo", "--run-time", "10", "--results", str(server_dir)],
         cwd=ROOT, capture_output=True, text=True, timeout=170, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     assert "SLO met" in run.stdout
-    for endpoint in ("GET /status", "POST /update", "GET /logs?page=[n]", "POST /users"):
+    for endpoint in (
+        "GET /status",
+        "POST /update",
+        "GET /logs?page=[n]",
+        "POST /users",
+        "GET /inspect",
+    ):
         assert endpoint in run.stdout
     assert (server_dir / "locust.html").read_text().count("<html") == 1
     outcome = Outcome.read(server_dir / "locust")

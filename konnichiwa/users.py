@@ -29,10 +29,15 @@ WITH slot AS (UPDATE user_count SET total = total + 1 RETURNING total)
 INSERT INTO users (position, name, email) SELECT total, $1, $2 FROM slot
 RETURNING id, name, email, created_at
 """
+# One statement, so one snapshot: the total and the page always agree. $1 is the number of
+# newer users to skip, $2 the page size; the LEFT JOIN keeps the total when the page is empty.
 PAGE: Final = """
-SELECT id, name, email, created_at FROM users
-WHERE position <= $1 AND position > $2 ORDER BY position DESC
+SELECT c.total, u.id, u.name, u.email, u.created_at
+FROM user_count c
+LEFT JOIN users u ON u.position <= c.total - $1 AND u.position > c.total - $1 - $2
+ORDER BY u.position DESC
 """
+SKIP_MAX: Final = 2**62  # any page past the end is empty; this keeps the offset a bigint
 BY_ID: Final = "SELECT id, name, email, created_at FROM users WHERE id = $1"
 
 
@@ -66,11 +71,11 @@ async def create_user(pool: asyncpg.Pool, new: NewUser) -> User:
 
 
 async def list_users(pool: asyncpg.Pool, query: PageQuery) -> UsersPage:
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        total: int = await conn.fetchval("SELECT total FROM user_count")
-        high, low = query.bounds(total)
-        rows = await conn.fetch(PAGE, high, low) if high else []
-    return UsersPage([_user(r) for r in rows], query.page, query.limit, total, query.pages(total))
+    skip = min((query.page - 1) * query.limit, SKIP_MAX)
+    rows = await pool.fetch(PAGE, skip, query.limit)
+    total: int = rows[0]["total"]
+    users = [_user(row) for row in rows if row["id"] is not None]
+    return UsersPage(users, query.page, query.limit, total, query.pages(total))
 
 
 async def create(request: web.Request) -> web.Response:

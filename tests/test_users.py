@@ -108,6 +108,7 @@ async def test_twenty_clients_race_for_one_email(client: Client) -> None:
         (4, 3, ["One"], 4),
         (5, 3, [], 4),
         (2, 5, ["Five", "Four", "Three", "Two", "One"], 2),
+        (10**30, 100, [], 1),
     ],
 )
 async def test_paging(

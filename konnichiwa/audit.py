@@ -49,6 +49,7 @@ CLAIM_IDLE_MS: Final = 5000  # entries pending this long belong to a consumer th
 CLAIM_EVERY: Final = 2.0
 RETRY_MAX_DELAY: Final = 2.0
 CATCH_UP_TIMEOUT: Final = 2.0  # /logs waits this long for Postgres, then answers 503
+CATCH_UP_POLL_MAX: Final = 0.004
 SLOW_BATCH_SECONDS: Final = 0.5
 LOG_PAGES_KEPT: Final = 256
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -233,6 +234,8 @@ async def caught_up(reader: CoalescedRead[Snapshot]) -> int:
     target, persisted = snapshot.seq, snapshot.persisted
     deadline = time.monotonic() + CATCH_UP_TIMEOUT
     pause = 0.001
+    # Short pauses: the watermark usually arrives within a consumer's batch (a few ms), and the
+    # polls of all waiting requests on a worker share one coalesced Redis read.
     while persisted < target:
         if time.monotonic() > deadline:
             raise Problem(
@@ -243,7 +246,7 @@ async def caught_up(reader: CoalescedRead[Snapshot]) -> int:
                 headers={"Retry-After": "2"},
             )
         await asyncio.sleep(pause)
-        pause = min(pause * 2, 0.05)
+        pause = min(pause * 2, CATCH_UP_POLL_MAX)
         persisted = (await reader.get()).persisted
     return persisted
 

@@ -137,8 +137,7 @@ class Sampler:
             slot.set(CPU_SECONDS_US, int((cpu.user + cpu.system) * 1e6))
             slot.set(THREADS, process.num_threads())
             slot.set(FDS, process.num_fds())
-            connections = process.net_connections(kind="inet")
-            slot.set(CONNECTIONS, sum(1 for c in connections if c.status != psutil.CONN_LISTEN))
+            slot.set(CONNECTIONS, open_sockets(process))
         memory, swap = psutil.virtual_memory(), psutil.swap_memory()
         disk, network = psutil.disk_usage(str(self.data_path)), psutil.net_io_counters()
         now = time.time()
@@ -177,6 +176,23 @@ class Sampler:
                     audit_backlog(redis, app[state_keys]), CHECK_TIMEOUT
                 )
         return DependencySample(checks, backlog, time.time())
+
+
+def open_sockets(process: psutil.Process) -> int:
+    """The sockets this process holds (clients, pools, the listener), from its descriptor table.
+
+    Not psutil's `net_connections`: it parses the whole system's /proc/net tables in Python,
+    ~15 ms with the GIL held, which stalled every request of the worker once a second.
+    """
+    try:
+        entries = list(os.scandir("/proc/self/fd"))
+    except FileNotFoundError:  # no procfs (macOS): the slow way
+        return len(process.net_connections(kind="all"))
+    count = 0
+    for entry in entries:
+        with contextlib.suppress(OSError):  # closed since the listing
+            count += os.readlink(entry.path).startswith("socket:")
+    return count
 
 
 sampler = web.AppKey("capacity_sampler", Sampler)

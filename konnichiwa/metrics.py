@@ -100,7 +100,7 @@ def _worker_families(app: web.Application) -> Iterator[str]:
         ("cpu_seconds_total", "counter", "CPU time each worker has used.", CPU_SECONDS_US, 1e-6),
         ("open_fds", "gauge", "Open file descriptors of each worker.", FDS, 1.0),
         ("threads", "gauge", "Threads of each worker.", THREADS, 1.0),
-        ("connections", "gauge", "Open TCP connections of each worker.", CONNECTIONS, 1.0),
+        ("connections", "gauge", "Open sockets of each worker.", CONNECTIONS, 1.0),
         ("event_loop_lag_seconds", "gauge", "How late each worker's loop woke up.", LOOP_LAG_US,
          1e-6),
     ):  # fmt: skip

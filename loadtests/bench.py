@@ -25,14 +25,15 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.support import free_port, http_get, running_service
+from tests.support import ServiceProcess, free_port, http_get, running_service
 
 RESULTS = Path(__file__).with_name("results")
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+RSS_EARLY, RSS_LATE, RSS_MAX_GROWTH = 200_000, 1_000_000, 0.05
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,55 @@ def measure(
     return figures, persisted / (time.monotonic() - started)
 
 
+@dataclass(frozen=True)
+class MemoryGrowth:
+    """Worker RSS after RSS_EARLY and after RSS_LATE requests served: it must stay flat."""
+
+    early_requests: int
+    early_rss: dict[int, int]  # by worker pid
+    late_requests: int
+    late_rss: dict[int, int]
+
+    @property
+    def growth(self) -> float:
+        """The largest relative growth of one worker (infinite if a worker was replaced)."""
+        if self.early_rss.keys() != self.late_rss.keys():
+            return float("inf")
+        return max((self.late_rss[pid] - rss) / rss for pid, rss in self.early_rss.items())
+
+    @property
+    def met(self) -> bool:
+        return self.growth < RSS_MAX_GROWTH
+
+
+class MemoryWatch:
+    """Notes worker RSS once the service has served RSS_EARLY requests, and again at RSS_LATE."""
+
+    def __init__(self, service: ServiceProcess, api_key: str) -> None:
+        self.service, self.api_key = service, api_key
+        self.early: tuple[int, dict[int, int]] | None = None
+
+    def observe(self) -> tuple[int, dict[int, int]]:
+        request = urllib.request.Request(  # noqa: S310  (loopback URL of the service under test)
+            self.service.url + "/inspect", headers={"Authorization": f"Bearer {self.api_key}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+            served: int = json.loads(response.read())["traffic"]["requests_served"]
+        mark = served, {w.pid: w.memory_info().rss for w in self.service.workers()}
+        if self.early is None and served >= RSS_EARLY:
+            self.early = mark
+        return mark
+
+    def finish(self, more_load: Callable[[], object]) -> MemoryGrowth:
+        """Add load until RSS_LATE requests are served; the growth between the two marks."""
+        served, rss = self.observe()
+        while served < RSS_LATE or self.early is None:
+            more_load()
+            served, rss = self.observe()
+        assert self.early is not None
+        return MemoryGrowth(*self.early, served, rss)
+
+
 def chart(results: Sequence[Result], path: Path) -> None:
     import matplotlib  # noqa: PLC0415  (heavy; only this step needs it)
 
@@ -296,9 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed(service.url, api_key)
             reference = [run_wrk(reference_url, options.duration, options.connections)]
             measured = []
+            memory = MemoryWatch(service, api_key)
             for endpoint in chosen:
                 measured.append(measure(service.url, endpoint, api_key, options, folder))
                 reference.append(run_wrk(reference_url, options.duration, options.connections))
+                memory.observe()
+            growth = memory.finish(
+                lambda: run_wrk(service.url + "/status", options.duration, options.connections)
+            )
     results = []
     for index, (endpoint, (m, persisted)) in enumerate(zip(chosen, measured, strict=True)):
         baseline = (
@@ -311,6 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    None if persisted is None else round(persisted / baseline, 3))
         )  # fmt: skip
     print(report(results, reference))
+    print(
+        f"worker RSS {sorted(growth.early_rss.values())} bytes after {growth.early_requests:,} "
+        f"requests, {sorted(growth.late_rss.values())} after {growth.late_requests:,}: "
+        f"growth {growth.growth:.1%} (< {RSS_MAX_GROWTH:.0%}: {'met' if growth.met else 'MISSED'})"
+    )
     output.write_text(
         json.dumps(
             {
@@ -327,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 },
                 "reference": [asdict(m) for m in reference],
                 "results": [asdict(r) | {"met": r.met} for r in results],
+                "memory": asdict(growth) | {"growth": growth.growth, "met": growth.met},
             },
             indent=2,
         )
@@ -334,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     chart(results, output.with_suffix(".png"))
     print(f"saved {output} and {output.with_suffix('.png')}")
-    return 0 if all(r.met for r in results) else 1
+    return 0 if all(r.met for r in results) and growth.met else 1
 
 
 if __name__ == "__main__":

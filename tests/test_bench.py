@@ -1,0 +1,73 @@
+"""The benchmark's arithmetic: wrk's output, the verdict per endpoint, the memory check."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtests.bench import MemoryGrowth, Result, parse_wrk
+
+WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:4000/status
+  2 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     5.21ms    2.10ms  40.12ms   80.00%
+  Latency Distribution
+     50%  850.00us
+     75%    6.01ms
+     90%    8.11ms
+     99%   12.70ms
+  110312 requests in 10.00s, 20.13MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:  11030.82
+Transfer/sec:      2.01MB
+"""
+
+
+def test_parse_wrk() -> None:
+    figures = parse_wrk(WRK_OUTPUT)
+    assert figures.requests_per_second == 11030.82
+    assert figures.p50_ms == pytest.approx(0.85)
+    assert figures.p99_ms == 12.7
+    assert figures.requests == 110312
+    assert figures.errors == 3
+
+
+def test_parse_wrk_refuses_output_without_figures() -> None:
+    with pytest.raises(ValueError, match="no throughput"):
+        parse_wrk("unable to connect to 127.0.0.1:4000 Connection refused\n")
+
+
+@pytest.mark.parametrize(
+    ("ratio", "persisted_ratio", "p99_ms", "errors", "met"),
+    [
+        (0.40, None, 20.0, 0, True),
+        (0.34, None, 20.0, 0, False),
+        (0.40, 0.30, 20.0, 0, False),  # answered fast, but Postgres fell behind
+        (0.40, 0.36, 20.0, 0, True),
+        (0.40, None, 25.0, 0, False),
+        (0.40, None, 20.0, 1, False),
+    ],
+)
+def test_result_verdict(
+    ratio: float, persisted_ratio: float | None, p99_ms: float, errors: int, met: bool
+) -> None:
+    result = Result(
+        "POST /update", 6000, 5.0, p99_ms, 15000, ratio, 0.35, 25, errors, None, persisted_ratio
+    )
+    assert result.met is met
+
+
+@pytest.mark.parametrize(
+    ("early", "late", "growth", "met"),
+    [
+        ({1: 100, 2: 200}, {1: 104, 2: 200}, 0.04, True),
+        ({1: 100, 2: 200}, {1: 100, 2: 212}, 0.06, False),
+        ({1: 100, 2: 200}, {1: 90, 2: 190}, -0.05, True),
+        ({1: 100, 2: 200}, {1: 100, 3: 200}, float("inf"), False),  # a worker was replaced
+    ],
+)
+def test_memory_growth(
+    early: dict[int, int], late: dict[int, int], growth: float, met: bool
+) -> None:
+    check = MemoryGrowth(200_000, early, 1_000_000, late)
+    assert check.growth == pytest.approx(growth)
+    assert check.met is met

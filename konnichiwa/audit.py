@@ -24,6 +24,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from konnichiwa.background import running
 from konnichiwa.coalesce import CoalescedRead, Memo
 from konnichiwa.errors import Problem
 from konnichiwa.postgres import pg_pool
@@ -211,11 +212,8 @@ async def audit_writer_ctx(app: web.Application) -> AsyncIterator[None]:
     writer = AuditWriter(app[redis_client], app[pg_pool], app[state_keys])
     await reconcile(writer.redis, writer.pool, writer.keys)
     await writer.ensure_group()
-    task = asyncio.create_task(writer.run(), name="audit-writer")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(writer.run(), "audit-writer"):
+        yield
 
 
 async def audit_backlog(redis: Redis, keys: StateKeys) -> AuditBacklog:

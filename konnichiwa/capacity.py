@@ -26,6 +26,7 @@ from aiohttp import web
 
 from konnichiwa import __version__
 from konnichiwa.audit import audit_backlog
+from konnichiwa.background import running
 from konnichiwa.coalesce import CoalescedRead
 from konnichiwa.errors import DEPENDENCY_ERRORS
 from konnichiwa.health import CHECK_TIMEOUT, check_dependencies
@@ -203,18 +204,15 @@ inspections = web.AppKey("inspections", CoalescedRead[bytes])
 
 async def capacity_ctx(app: web.Application) -> AsyncIterator[None]:
     """Sample this worker's figures once a second while it serves."""
-    running = app[sampler] = Sampler(app)
+    sampling = app[sampler] = Sampler(app)
 
     async def render() -> bytes:
         return encode(inspection(app))
 
     app[inspections] = CoalescedRead(render)
-    await running.start()
-    task = asyncio.create_task(running.run(), name="capacity-sampler")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await sampling.start()
+    async with running(sampling.run(), "capacity-sampler"):
+        yield
 
 
 def traffic(board: Scoreboard) -> Traffic:

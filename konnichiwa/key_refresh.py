@@ -4,7 +4,6 @@ key takes effect on every worker without a restart."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -14,6 +13,7 @@ from aiohttp import web
 
 from konnichiwa.auth import ApiKey, keyring, parse_api_keys
 from konnichiwa.aws import aws_errors, secrets_client
+from konnichiwa.background import running
 from konnichiwa.errors import Problem
 from konnichiwa.settings import settings_key
 
@@ -72,11 +72,8 @@ async def api_key_refresh_ctx(app: web.Application) -> AsyncIterator[None]:
     except (Problem, SecretFormatError) as exc:
         raise RuntimeError(f"API_KEY_SECRET_ID={secret_id}: {exc}") from None
     app[keyring].replace(settings.api_keys + from_secret)
-    refresher = asyncio.create_task(_refresh(app, client, secret_id))
-    yield
-    refresher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await refresher
+    async with running(_refresh(app, client, secret_id), "api-key-refresh"):
+        yield
 
 
 async def _refresh(app: web.Application, client: SecretsManagerClient, secret_id: str) -> None:

@@ -188,7 +188,7 @@ class Scoreboard:
                     for length in lengths
                 ],
             )
-        fresh = [histogram for age, histogram in self._ring_rows(current, 1) if age == 0]
+        fresh = [histogram for _, histogram in self._ring_rows(current, 1)]
         # A service younger than the window has not had all of it to serve requests in.
         served_for = max(time.time() - self.started, 1e-3)
         windows = []

@@ -137,14 +137,15 @@ class Persona(FastHttpUser):
         with self.client.request(
             method, path, name=name or path, catch_response=True, **kwargs
         ) as response:
-            if response.status_code != expect:
-                response.failure(f"status {response.status_code}, expected {expect}")
-                yield response
-                return
+            problem = None
             try:
                 yield response
             except (msgspec.ValidationError, msgspec.DecodeError, AssertionError) as exc:
-                response.failure(f"unexpected body: {exc}")
+                problem = f"unexpected body: {exc}"
+            if response.status_code != expect:  # the body check of a wrong answer is moot
+                problem = f"status {response.status_code}, expected {expect}"
+            if problem is not None:
+                response.failure(problem)
 
 
 def decoded(response: ResponseContextManager, into: type[_T]) -> _T:

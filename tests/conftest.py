@@ -26,7 +26,15 @@ from konnichiwa.auth import SCOPES, ApiKey
 from konnichiwa.embedded import embedded_stack
 from konnichiwa.postgres import migrate
 from konnichiwa.settings import Settings
-from tests.support import FULL_KEY, READ_KEY, Client, Servers, database_url_for, free_port
+from tests.support import (
+    FULL_KEY,
+    READ_KEY,
+    Client,
+    Servers,
+    create_database,
+    database_url_for,
+    free_port,
+)
 
 TEMPLATE_DATABASE = "konnichiwa_template"
 _database_numbers = itertools.count()
@@ -68,12 +76,7 @@ def servers() -> Iterator[Servers]:
 
 
 async def _create_template(admin_url: str) -> None:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DATABASE}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{TEMPLATE_DATABASE}"')
-    finally:
-        await admin.close()
+    await create_database(admin_url, TEMPLATE_DATABASE)
     template = await asyncpg.connect(database_url_for(admin_url, TEMPLATE_DATABASE))
     try:
         await migrate(template)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import psutil
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -38,6 +39,16 @@ def database_url_for(url: str, database: str) -> str:
     """The same server URL with another database name."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+async def create_database(admin_url: str, name: str) -> None:
+    """A new, empty database `name` on the server of `admin_url` (an older one is dropped)."""
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
 
 
 def free_port() -> int:

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import msgspec
 import pytest
 from pytest_aiohttp import AiohttpClient
@@ -22,27 +21,25 @@ from konnichiwa.embedded import valkey_server
 from konnichiwa.monitor import CRITICAL, add_arguments, evaluate
 from konnichiwa.schemas import Inspection
 from konnichiwa.settings import Settings
-from tests.support import FULL_AUTH, FULL_KEY, Servers, ServiceProcess, database_url_for
+from tests.support import (
+    FULL_AUTH,
+    FULL_KEY,
+    Servers,
+    ServiceProcess,
+    create_database,
+    database_url_for,
+)
 from tests.support import running_service as serve
 
 OK_LEVELS = ("--cpu", "100", "--memory", "100", "--disk", "100", "--critical", "100")
 WARN_ON_MEMORY = ("--cpu", "100", "--memory", "0", "--disk", "100", "--critical", "100")
 
 
-async def _create_database(admin_url: str, name: str) -> None:
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-
-
 @pytest.fixture(scope="module")
 def service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """One service for the module, on a database of its own."""
     name = f"monitor_{os.getpid()}"
-    asyncio.run(_create_database(servers.database_url, name))
+    asyncio.run(create_database(servers.database_url, name))
     environment = {
         "REDIS_URL": servers.redis_url,
         "DATABASE_URL": database_url_for(servers.database_url, name),

@@ -10,7 +10,6 @@ from konnichiwa.auth import KeyRing, keyring
 from konnichiwa.aws import AwsService, aws_ctx
 from konnichiwa.capacity import capacity_ctx
 from konnichiwa.cloud import setup_cloud
-from konnichiwa.errors import problem_middleware
 from konnichiwa.key_refresh import api_key_refresh_ctx
 from konnichiwa.metrics import route_labels
 from konnichiwa.openapi import build_spec, openapi_document
@@ -43,11 +42,7 @@ def create_app(
     board = board or Scoreboard.private(counted_routes(settings))
     counter = board.slot(slot)
     counter.claim()
-    numbers: dict[object, int] = {}
-    app = web.Application(
-        middlewares=[counter.middleware(numbers), problem_middleware],
-        client_max_size=settings.max_body_bytes,
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[settings_key] = settings
     app[scoreboard] = board
     app[worker_slot] = counter
@@ -62,5 +57,5 @@ def create_app(
     app.cleanup_ctx.extend([redis_ctx, pg_ctx, audit_writer_ctx, capacity_ctx, aws_ctx(services)])
     if settings.api_key_secret_id is not None:
         app.cleanup_ctx.append(api_key_refresh_ctx)
-    numbers.update(setup_routes(app, settings.service_name))
+    setup_routes(app, settings.service_name)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Final, Literal, get_args
 
 from aiohttp import web
@@ -16,8 +16,6 @@ SCOPES: Final[tuple[Scope, ...]] = get_args(Scope)
 # A key listed without scopes gets these; decrypting SecureString parameters is never implied.
 DEFAULT_SCOPES: Final[frozenset[Scope]] = frozenset({"read", "write", "inspect", "config"})
 MIN_KEY_LENGTH: Final = 16
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiKey:
@@ -120,20 +118,6 @@ def authorize(request: web.Request, scope: Scope) -> ApiKey:
     if scope not in key.scopes:
         raise Problem(403, "Forbidden", f"This API key lacks the '{scope}' scope.")
     return key
-
-
-def requires(scope: Scope) -> Callable[[Handler], Handler]:
-    """Wrap a handler so it runs only for keys that carry `scope`; public routes pay nothing."""
-
-    def wrap(handler: Handler) -> Handler:
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            request[api_key] = authorize(request, scope)
-            return await handler(request)
-
-        guarded.__doc__ = handler.__doc__
-        return guarded
-
-    return wrap
 
 
 def _digest(key: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,6 +52,12 @@ def swagger_ui_static_dir() -> Path:
     from swagger_ui.utils import SWAGGER_UI_PY_ROOT  # noqa: PLC0415  (untyped package)
 
     return Path(SWAGGER_UI_PY_ROOT) / "static"
+
+
+@functools.cache
+def swagger_ui_files() -> dict[str, Path]:
+    """Swagger UI's files by name: only these are served, so no path can reach anything else."""
+    return {path.name: path for path in swagger_ui_static_dir().iterdir() if path.is_file()}
 
 
 def build_spec(routes: Iterable[Route], role: str) -> dict[str, Any]:
@@ -159,3 +166,11 @@ async def spec(request: web.Request) -> web.Response:
 async def docs(request: web.Request) -> web.Response:
     """Swagger UI for the OpenAPI document, served from this service (no CDN)."""
     return web.Response(text=DOCS_PAGE, content_type="text/html")
+
+
+async def docs_asset(request: web.Request) -> web.FileResponse:
+    """One of Swagger UI's files (with ETag, Last-Modified and ranges, as static files have)."""
+    path = swagger_ui_files().get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound
+    return web.FileResponse(path)

@@ -10,8 +10,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from konnichiwa import audit, capacity, cloud, greeting, health, metrics, openapi, state, users
-from konnichiwa.auth import Scope, requires
+from konnichiwa.auth import Scope
 from konnichiwa.aws import AwsService
+from konnichiwa.endpoint import endpoint, no_route
 from konnichiwa.schemas import (
     BucketList,
     Greeting,
@@ -29,6 +30,7 @@ from konnichiwa.schemas import (
     User,
     UsersPage,
 )
+from konnichiwa.scoreboard import worker_slot
 from konnichiwa.settings import ServiceName
 
 BOTH_ROLES: Final[frozenset[ServiceName]] = frozenset({"api", "aux"})
@@ -97,6 +99,9 @@ ROUTES: Final[tuple[Route, ...]] = (
           responses={200: "OpenAPI 3.1 document"}),
     Route("GET", "/docs", openapi.docs, "Swagger UI", "docs",
           responses={200: "HTML page"}, media_type="text/html"),
+    Route("GET", f"{openapi.STATIC_PREFIX}/{{name}}", openapi.docs_asset,
+          "Swagger UI's scripts, styles and icons", "docs",
+          responses={200: "The file", 404: "No such file"}, media_type="application/octet-stream"),
 )  # fmt: skip
 
 
@@ -110,17 +115,15 @@ def aws_services(routes: tuple[Route, ...]) -> frozenset[AwsService]:
     return frozenset(service for route in routes for service in route.aws)
 
 
-def setup_routes(app: web.Application, role: ServiceName) -> dict[object, int]:
-    """Add the role's routes; return each aiohttp route's number in `routes_for(role)`."""
-    numbers: dict[object, int] = {}
-    for number, route in enumerate(routes_for(role)):
-        handler = route.handler if route.scope is None else requires(route.scope)(route.handler)
+def setup_routes(app: web.Application, role: ServiceName) -> None:
+    """Add the role's routes, each counted under its number in `routes_for(role)`; whatever
+    none of them matches is counted under the number after the last."""
+    slot = app[worker_slot]
+    routes = routes_for(role)
+    for number, route in enumerate(routes):
+        handler = endpoint(route.handler, slot, number, route.scope)
         if route.method == "GET":
-            added = app.router.add_get(route.path, handler)  # answers HEAD too
+            app.router.add_get(route.path, handler)  # answers HEAD too
         else:
-            added = app.router.add_route(route.method, route.path, handler)
-        for sibling in added.resource or ():
-            if sibling.handler is handler:  # this route, and the HEAD route beside a GET
-                numbers[sibling] = number
-    app.router.add_static(openapi.STATIC_PREFIX, openapi.swagger_ui_static_dir())
-    return numbers
+            app.router.add_route(route.method, route.path, handler)
+    app.router.add_route("*", "/{path:.*}", endpoint(no_route, slot, len(routes)))

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -96,6 +97,10 @@ async def _serve(settings: Settings, ready: Event, board: Scoreboard, slot: int)
         handle_signals=False,
     )
     await runner.setup()  # runs the cleanup contexts: Redis PING, Postgres migrations
+    # Everything start-up made (modules, AWS service models, the app) lives as long as the worker:
+    # out of the collector's sight, a full collection walks only what serving made, not 120k
+    # objects — a 100 ms pause otherwise, every few seconds under load.
+    gc.freeze()
     stop = asyncio.Event()
     received: list[int] = []
 

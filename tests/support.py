@@ -20,6 +20,12 @@ import asyncpg
 import psutil
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from aiohttp.typedefs import Handler
+
+from konnichiwa.auth import Scope
+from konnichiwa.endpoint import endpoint
+from konnichiwa.metrics import route_labels
+from konnichiwa.scoreboard import worker_slot
 
 Client = TestClient[web.Request, web.Application]
 
@@ -27,6 +33,14 @@ FULL_KEY: Final = "test-key-with-every-scope-0123456789"
 READ_KEY: Final = "test-key-read-only-0123456789"
 FULL_AUTH: Final = {"Authorization": f"Bearer {FULL_KEY}"}
 READ_AUTH: Final = {"X-API-Key": READ_KEY}
+
+
+def add_route(
+    app: web.Application, method: str, path: str, handler: Handler, scope: Scope | None = None
+) -> None:
+    """A route of a test's own beside the real ones, served as they are (counted as "other")."""
+    other = len(app[route_labels]) - 1
+    app.router.add_route(method, path, endpoint(handler, app[worker_slot], other, scope))
 
 
 class Servers(NamedTuple):

@@ -7,10 +7,10 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from konnichiwa.app import create_app
-from konnichiwa.auth import SCOPES, ApiKey, KeyRing, keyring, parse_api_keys, requires
+from konnichiwa.auth import SCOPES, ApiKey, KeyRing, keyring, parse_api_keys
 from konnichiwa.routes import ROUTES
 from konnichiwa.settings import Settings
-from tests.support import FULL_KEY, READ_KEY, Client
+from tests.support import FULL_KEY, READ_KEY, Client, add_route
 
 
 async def _guarded(request: web.Request) -> web.Response:
@@ -21,7 +21,7 @@ async def _guarded(request: web.Request) -> web.Response:
 async def guarded_client(aiohttp_client: AiohttpClient, settings: Settings) -> Client:
     """The real app plus one route behind the `write` scope, to exercise the mechanism alone."""
     app = create_app(settings)
-    app.router.add_post("/guarded", requires("write")(_guarded))
+    add_route(app, "POST", "/guarded", _guarded, "write")
     return await aiohttp_client(app)
 
 

@@ -10,7 +10,7 @@ from pytest_aiohttp import AiohttpClient
 
 from konnichiwa.app import create_app
 from konnichiwa.settings import Settings
-from tests.support import Client
+from tests.support import Client, add_route
 
 
 async def _read_body(request: web.Request) -> web.Response:
@@ -25,8 +25,8 @@ async def _fail(request: web.Request) -> web.Response:
 async def faulty_client(aiohttp_client: AiohttpClient, settings: Settings) -> Client:
     """The real app with a route that reads its body and one that fails."""
     app = create_app(settings)
-    app.router.add_post("/body", _read_body)
-    app.router.add_get("/fail", _fail)
+    add_route(app, "POST", "/body", _read_body)
+    add_route(app, "GET", "/fail", _fail)
     return await aiohttp_client(app)
 
 

@@ -23,12 +23,12 @@ ROLES: list[ServiceName] = ["api", "aux"]
 
 
 def _served_operations(app: web.Application) -> set[tuple[str, str]]:
-    """(method, path) of every route the app serves, less HEAD twins and static files."""
+    """(method, path) of every route the app serves, less HEAD twins and the catch-all."""
     operations = set()
     for route in app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or info.get("formatter")
-        if route.method != "HEAD" and path is not None:
+        if route.method not in ("HEAD", "*") and path is not None:
             operations.add((route.method.lower(), re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path)))
     return operations
 

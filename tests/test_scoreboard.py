@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
+from konnichiwa.endpoint import endpoint, no_route
 from konnichiwa.scoreboard import (
     BOUNDS,
     BUCKETS,
@@ -73,10 +74,11 @@ async def _count_requests(aiohttp_client: AiohttpClient, board: Scoreboard) -> N
     async def missing(request: web.Request) -> web.Response:
         raise web.HTTPNotFound
 
-    numbers: dict[object, int] = {}
-    app = web.Application(middlewares=[board.slot(0).middleware(numbers)])
-    numbers[app.router.add_get("/ok", ok)] = 0
-    app.router.add_get("/missing", missing)
+    slot = board.slot(0)
+    app = web.Application()
+    app.router.add_get("/ok", endpoint(ok, slot, 0))
+    app.router.add_get("/missing", endpoint(missing, slot, 1))
+    app.router.add_route("*", "/{path:.*}", endpoint(no_route, slot, 1))
     client = await aiohttp_client(app)
     for path, times in (("/ok", 3), ("/missing", 2), ("/elsewhere", 1)):
         for _ in range(times):

@@ -1,0 +1,86 @@
+"""One layer around every route's handler: request ID, API key, problem+json, counting.
+
+Not aiohttp middlewares: with any middleware at all aiohttp adds one of its own and runs the
+chain as a coroutine per middleware on every request. One coroutine made once per route, which
+knows the route's number and scope up front, does the same work for a fifth less of the
+worker's time on the cheapest routes. Requests no route matches reach a catch-all route, so a 404
+or 405 is problem+json and counted like any other answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from konnichiwa.auth import Scope, api_key, authorize
+from konnichiwa.errors import (
+    DEPENDENCY_ERRORS,
+    REQUEST_ID_HEADER,
+    Problem,
+    assign_request_id,
+    from_http_exception,
+    internal_error,
+    unavailable,
+)
+from konnichiwa.scoreboard import WorkerSlot
+
+log = logging.getLogger("konnichiwa")
+
+
+def endpoint(handler: Handler, slot: WorkerSlot, route: int, scope: Scope | None = None) -> Handler:
+    """`handler` as route number `route` on the scoreboard, for keys with `scope` (None: public).
+
+    Every answer carries the request ID; every failure becomes problem+json: a `Problem` as it
+    says, a store that is down a 503, anything unexpected a logged 500.
+    """
+    begin, finish = slot.begin, slot.finish
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        started = begin()
+        rid = assign_request_id(request)
+        status = 500
+        try:
+            try:
+                if scope is not None:
+                    request[api_key] = authorize(request, scope)
+                response = await handler(request)
+            except Problem as problem:
+                response = problem.response()
+            except DEPENDENCY_ERRORS as exc:
+                log.warning("dependency failure on %s %s [%s]: %r", request.method, request.path,
+                            rid, exc)  # fmt: skip
+                response = unavailable()
+            except web.HTTPException as exc:
+                if exc.status < 400:  # a redirect: aiohttp sends it as it is
+                    exc.headers[REQUEST_ID_HEADER] = rid
+                    status = exc.status
+                    raise
+                response = from_http_exception(exc)
+            except Exception:
+                log.exception("unhandled error on %s %s [%s]", request.method, request.path, rid)
+                response = internal_error()
+            response.headers[REQUEST_ID_HEADER] = rid
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            status = 499  # the client went away first (nginx's name for it)
+            raise
+        finally:
+            finish(route, status, started)
+
+    answer.__doc__ = handler.__doc__
+    return answer
+
+
+async def no_route(request: web.Request) -> web.StreamResponse:
+    """What no route matches: a 405 naming the methods the path takes, or else a 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound

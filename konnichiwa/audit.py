@@ -39,7 +39,7 @@ from konnichiwa.schemas import (
     json_response,
     rfc3339,
 )
-from konnichiwa.state import Snapshot, StateKeys, read_snapshot, snapshots, state_keys
+from konnichiwa.state import Reading, StateKeys, read_snapshot, readings, state_keys
 
 log = logging.getLogger("konnichiwa.audit")
 
@@ -226,9 +226,9 @@ async def audit_backlog(redis: Redis, keys: StateKeys) -> AuditBacklog:
     return AuditBacklog(head - persisted, round(max(age, 0.0), 3))
 
 
-async def caught_up(reader: CoalescedRead[Snapshot]) -> int:
+async def caught_up(reader: CoalescedRead[Reading]) -> int:
     """Wait until Postgres holds every change made so far; the watermark, or a 503 problem."""
-    snapshot = await reader.get()
+    snapshot = (await reader.get()).snapshot
     target, persisted = snapshot.seq, snapshot.persisted
     deadline = time.monotonic() + CATCH_UP_TIMEOUT
     pause = 0.001
@@ -245,7 +245,7 @@ async def caught_up(reader: CoalescedRead[Snapshot]) -> int:
             )
         await asyncio.sleep(pause)
         pause = min(pause * 2, CATCH_UP_POLL_MAX)
-        persisted = (await reader.get()).persisted
+        persisted = (await reader.get()).snapshot.persisted
     return persisted
 
 
@@ -278,7 +278,7 @@ async def logs(request: web.Request) -> web.Response:
     """The audit log, newest first; includes every change acknowledged before this request."""
     query = convert_query(dict(request.query), PageQuery)
     app = request.app
-    upto = await caught_up(app[snapshots])
+    upto = await caught_up(app[readings])
 
     async def render() -> bytes:
         entries = await read_page(app[pg_pool], upto, query)

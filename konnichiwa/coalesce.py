@@ -26,35 +26,41 @@ _K = TypeVar("_K", bound=Hashable)
 class CoalescedRead(Generic[_T]):
     """Read through `fetch`, sharing each call among the requests that may share it."""
 
-    __slots__ = ("_fetch", "_in_flight", "_next", "_runner")
+    __slots__ = ("_fetch", "_runner", "_waiting")
 
     def __init__(self, fetch: Callable[[], Awaitable[_T]]) -> None:
         self._fetch = fetch
-        self._in_flight: asyncio.Future[_T] | None = None
-        self._next: asyncio.Future[_T] | None = None
-        self._runner: asyncio.Task[None] | None = None  # held so the running task is not lost
+        self._waiting: list[asyncio.Future[_T]] = []  # for the next round trip
+        self._runner: asyncio.Task[None] | None = None  # making round trips while anyone waits
 
     async def get(self) -> _T:
-        if self._in_flight is None:
-            waiter = self._in_flight = asyncio.get_running_loop().create_future()
-            self._runner = asyncio.ensure_future(self._run(waiter))
-        else:
-            if self._next is None:
-                self._next = asyncio.get_running_loop().create_future()
-            waiter = self._next
-        # Shielded: a waiter that gives up (client gone, time-out) leaves the read to the others.
-        return await asyncio.shield(waiter)
+        # A future of its own per request, not one shared future: a waiter that gives up
+        # (client gone, time-out) cancels only its own, and no shield is needed per request.
+        waiter: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        if self._runner is None:
+            self._runner = asyncio.ensure_future(self._run())
+        return await waiter
 
-    async def _run(self, waiter: asyncio.Future[_T]) -> None:
+    async def _run(self) -> None:
+        waiters: list[asyncio.Future[_T]] = []
         try:
-            waiter.set_result(await self._fetch())
-        except Exception as exc:
-            waiter.set_exception(exc)
-            waiter.add_done_callback(_retrieved)
+            while self._waiting:
+                waiters, self._waiting = self._waiting, []
+                try:
+                    result = await self._fetch()
+                except Exception as exc:
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                else:
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_result(result)
         finally:
-            self._in_flight, self._next = self._next, None
-            if self._in_flight is not None:
-                self._runner = asyncio.ensure_future(self._run(self._in_flight))
+            self._runner = None
+            for waiter in (*waiters, *self._waiting):
+                waiter.cancel()  # a no-op for those answered; the rest only when shutting down
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

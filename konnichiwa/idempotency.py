@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from konnichiwa.auth import api_key
 from konnichiwa.errors import FieldError, Problem, validation_problem
 from konnichiwa.redis_store import key_prefix, redis_client
+from konnichiwa.schemas import encode
 from konnichiwa.settings import settings_key
 
 HEADER: Final = "Idempotency-Key"
@@ -51,9 +52,9 @@ def storage_key(request: web.Request, idempotency_key: str) -> str:
 
 
 async def idempotent(
-    request: web.Request, payload: bytes, operation: Callable[[], Awaitable[web.Response]]
+    request: web.Request, body: msgspec.Struct, operation: Callable[[], Awaitable[web.Response]]
 ) -> web.Response:
-    """Run `operation` at most once per Idempotency-Key; `payload` identifies the request body."""
+    """Run `operation` at most once per Idempotency-Key; `body` is the request's decoded body."""
     idempotency_key = request.headers.get(HEADER)
     if idempotency_key is None:
         return await operation()
@@ -63,7 +64,8 @@ async def idempotent(
         )
     redis = request.app[redis_client]
     key = storage_key(request, idempotency_key)
-    fingerprint = hashlib.sha256(f"{request.method} {request.path} ".encode() + payload).digest()
+    payload = f"{request.method} {request.path} ".encode() + encode(body)
+    fingerprint = hashlib.sha256(payload).digest()
     while not await redis.set(key, _encode(Record(fingerprint)), nx=True, ex=LEASE_SECONDS):
         stored = await redis.get(key)
         if stored is not None:  # else it expired just now: try to take it again

@@ -34,8 +34,6 @@ from konnichiwa.schemas import (
 )
 from konnichiwa.settings import settings_key
 
-started_at = web.AppKey("started_at", float)
-
 # A batch of changes, each applied whole and in order (ARGV holds five values per change: mode,
 # counter argument, whether a message is given, the message, update_type); one reply per change.
 UPDATE_SCRIPT: Final = LuaScript("""
@@ -178,8 +176,28 @@ async def read_snapshot(redis: Redis, keys: StateKeys) -> Snapshot:
     return Snapshot(int(counter or 0), _text(message), int(seq or 0), int(persisted or 0))
 
 
+class Reading(NamedTuple):
+    """One coalesced read of the state: the snapshot, and the /status answer made from it once
+    for every request the read serves."""
+
+    snapshot: Snapshot
+    status_body: bytes
+
+
+async def read_state(redis: Redis, keys: StateKeys, started: float) -> Reading:
+    snapshot = await read_snapshot(redis, keys)
+    now = time.time()
+    status = Status(
+        snapshot.counter,
+        snapshot.message,
+        rfc3339(datetime.fromtimestamp(now, UTC)),
+        round(now - started, 3),
+    )
+    return Reading(snapshot, encode(status))
+
+
 # Every read of the state on this worker goes through one coalesced HMGET.
-snapshots = web.AppKey("snapshots", CoalescedRead[Snapshot])
+readings = web.AppKey("readings", CoalescedRead[Reading])
 
 
 def _text(value: bytes | str | None) -> str:
@@ -189,11 +207,7 @@ def _text(value: bytes | str | None) -> str:
 
 async def status(request: web.Request) -> web.Response:
     """The current counter and message."""
-    app = request.app
-    snapshot = await app[snapshots].get()
-    uptime = round(time.time() - app[started_at], 3)
-    now = rfc3339(datetime.now(UTC))
-    return json_response(Status(snapshot.counter, snapshot.message, now, uptime))
+    return json_response((await request.app[readings].get()).status_body)
 
 
 async def update(request: web.Request) -> web.Response:
@@ -205,13 +219,13 @@ async def update(request: web.Request) -> web.Response:
     async def apply() -> web.Response:
         return json_response(await app[updates](change))
 
-    return await idempotent(request, encode(body), apply)
+    return await idempotent(request, body, apply)
 
 
 def setup_state(app: web.Application) -> None:
     keys = app[state_keys] = StateKeys(app[settings_key].environment)
-    app[started_at] = time.time()
-    app[snapshots] = CoalescedRead(lambda: read_snapshot(app[redis_client], keys))
+    started = time.time()
+    app[readings] = CoalescedRead(lambda: read_state(app[redis_client], keys, started))
     app[updates] = Batcher(
         lambda changes: apply_changes(app[redis_client].execute_command, keys, changes),
         MAX_UPDATE_BATCH,

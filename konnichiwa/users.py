@@ -18,7 +18,6 @@ from konnichiwa.schemas import (
     UsersPage,
     convert_query,
     decode_body,
-    encode,
     json_response,
     person_name,
     rfc3339,
@@ -87,7 +86,7 @@ async def create(request: web.Request) -> web.Response:
         user = await create_user(pool, new)
         return json_response(user, status=201, headers={"Location": f"/users/{user.id}"})
 
-    return await idempotent(request, encode(new), insert)
+    return await idempotent(request, new, insert)
 
 
 async def index(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ from konnichiwa.routes import aws_services, routes_for, setup_routes
 from konnichiwa.scoreboard import Scoreboard, scoreboard, worker_slot
 from konnichiwa.settings import Settings, settings_key
 from konnichiwa.state import setup_state
+from konnichiwa.users import setup_users
 
 # aiohttp names itself and its version in every Server header, including the ones it writes for
 # requests it cannot parse; one neutral name everywhere says nothing an attacker can use.
@@ -50,6 +51,7 @@ def create_app(
     app[keyring] = KeyRing(settings.api_keys)
     app[openapi_document] = msgspec.json.encode(build_spec(routes, settings.service_name))
     setup_state(app)
+    setup_users(app)
     setup_cloud(app)
     services: set[AwsService] = set(aws_services(routes))
     if settings.api_key_secret_id is not None:

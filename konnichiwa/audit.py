@@ -56,19 +56,28 @@ LOG_PAGES_KEPT: Final = 256
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 # After a batch is in Postgres, in one round trip: publish the watermark (it only moves forward),
-# acknowledge the batch's entries and trim what Postgres holds from the stream.
+# acknowledge the batch's entries, trim what Postgres holds from the stream, and read the next
+# batch for the consumer (ARGV: watermark, group, consumer, how many to read, then the IDs) — it
+# never blocks: with nothing new the reply is empty and the consumer waits in XREADGROUP.
 FINISH_BATCH: Final = LuaScript("""
 local upto = tonumber(ARGV[1])
 if upto > tonumber(redis.call('HGET', KEYS[1], 'persisted') or '0') then
   redis.call('HSET', KEYS[1], 'persisted', ARGV[1])
 end
-if #ARGV > 2 then
-  redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 3))
+if #ARGV > 4 then
+  redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 5))
 end
 if upto > 0 then
   redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', upto + 1))
 end
-return 1
+if tonumber(ARGV[4]) > 0 then
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
+                           'STREAMS', KEYS[2], '>')
+  if reply then
+    return reply[1][2]
+  end
+end
+return {}
 """)
 # After Redis lost its latest writes (a crash inside the AOF fsync second, a restore), carry on
 # from what Postgres already holds, so new changes never reuse a persisted sequence number.
@@ -128,13 +137,19 @@ class AuditWriter:
     async def run(self) -> None:
         """Move batches until cancelled; no failure stops it, it only waits and retries."""
         delay = 0.1
+        handed: list[Any] = []  # the next batch, read by the script that finished the last one
         while True:
             try:
-                events, ids = await self._next_batch()
+                events, ids = _decode(handed) if handed else await self._next_batch()
+                handed = []
                 upto = await self._store(events) if events else 0
                 if ids:
+                    # No batch handed over when a claim is due: the next read must be the claim.
+                    count = 0 if self._claim_due() else BATCH_SIZE
                     keys = (self.keys.state, self.keys.audit)
-                    await FINISH_BATCH(self.redis.execute_command, keys, upto, GROUP, *ids)
+                    handed = await FINISH_BATCH(
+                        self.redis.execute_command, keys, upto, GROUP, self.name, count, *ids
+                    )
                 delay = 0.1
                 continue
             except ResponseError as exc:
@@ -154,8 +169,11 @@ class AuditWriter:
         with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists already
             await self.redis.xgroup_create(self.keys.audit, GROUP, id="0", mkstream=True)
 
+    def _claim_due(self) -> bool:
+        return time.monotonic() - self.last_claim > CLAIM_EVERY
+
     async def _next_batch(self) -> tuple[list[AuditEvent], list[bytes]]:
-        if time.monotonic() - self.last_claim > CLAIM_EVERY:
+        if self._claim_due():
             self.last_claim = time.monotonic()
             await reconcile(self.redis, self.pool, self.keys)  # Redis may have failed over
             claimed = await self.redis.xautoclaim(
@@ -188,8 +206,14 @@ class AuditWriter:
 
 
 def _decode(entries: list[Any]) -> tuple[list[AuditEvent], list[bytes]]:
+    """Entries as redis-py parses them, (id, {field: value}), or as a script returns them,
+    [id, [field, value, ...]]; an entry deleted meanwhile has no fields."""
     ids = [entry_id for entry_id, _ in entries]
-    return [parse_entry(fields) for _, fields in entries if fields], ids
+    return [parse_entry(_as_dict(fields)) for _, fields in entries if fields], ids
+
+
+def _as_dict(fields: dict[bytes, bytes] | list[bytes]) -> dict[bytes, bytes]:
+    return fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 async def reconcile(redis: Redis, pool: asyncpg.Pool, keys: StateKeys) -> None:

@@ -14,6 +14,7 @@ requests; when idle, a request starts its own at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
@@ -61,6 +62,24 @@ class CoalescedRead(Generic[_T]):
             self._runner = None
             for waiter in (*waiters, *self._waiting):
                 waiter.cancel()  # a no-op for those answered; the rest only when shutting down
+
+
+class CoalescedReads(Generic[_K, _T]):
+    """A `CoalescedRead` per key (a page, say), kept for the most recently created keys."""
+
+    __slots__ = ("_fetch", "_reads", "_size")
+
+    def __init__(self, fetch: Callable[[_K], Awaitable[_T]], size: int) -> None:
+        self._fetch, self._size = fetch, size
+        self._reads: dict[_K, CoalescedRead[_T]] = {}
+
+    async def get(self, key: _K) -> _T:
+        read = self._reads.get(key)
+        if read is None:
+            read = self._reads[key] = CoalescedRead(functools.partial(self._fetch, key))
+            if len(self._reads) > self._size:  # the oldest goes; its waiters still get answers
+                del self._reads[next(iter(self._reads))]
+        return await read.get()
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

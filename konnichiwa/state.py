@@ -8,7 +8,6 @@ an update nor see non-consecutive old/new values. Counter values never pass thro
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -34,23 +33,26 @@ from konnichiwa.schemas import (
 )
 from konnichiwa.settings import settings_key
 
-# A batch of changes, each applied whole and in order (ARGV holds five values per change: mode,
-# counter argument, whether a message is given, the message, update_type); one reply per change.
+# A batch of changes, each applied whole and in order; one reply per change. ARGV[1] is the batch
+# as one MessagePack array of changes (mode, counter argument, "1" if a message is given, the
+# message, update_type): one argument to pack and parse instead of five per change.
 UPDATE_SCRIPT: Final = LuaScript("""
 local counter = redis.call('HGET', KEYS[1], 'counter') or '0'
 local message = redis.call('HGET', KEYS[1], 'message') or ''
 local now = redis.call('TIME')
 local micros = now[1] .. string.format('%06d', now[2])
 local replies = {}
-for i = 1, #ARGV, 5 do
-  local mode, argument = ARGV[i], ARGV[i + 1]
+for _, change in ipairs(cmsgpack.unpack(ARGV[1])) do
+  local mode, argument = change[1], change[2]
   local new_counter, overflow = counter, false
   if mode == 'increment' then
     local added = redis.pcall('HINCRBY', KEYS[1], 'counter', argument)
     if type(added) == 'table' and added.err then
       overflow = true
+    elseif added > -9007199254740992 and added < 9007199254740992 then
+      new_counter = string.format('%d', added)  -- exact: within a double's 53-bit integers
     else
-      new_counter = redis.call('HGET', KEYS[1], 'counter')
+      new_counter = redis.call('HGET', KEYS[1], 'counter')  -- as Redis holds it, all 64 bits
     end
   elseif mode == 'set' then
     redis.call('HSET', KEYS[1], 'counter', argument)
@@ -60,14 +62,14 @@ for i = 1, #ARGV, 5 do
     replies[#replies + 1] = {'overflow'}
   else
     local new_message = message
-    if ARGV[i + 2] == '1' then
-      new_message = ARGV[i + 3]
+    if change[3] == '1' then
+      new_message = change[4]
       redis.call('HSET', KEYS[1], 'message', new_message)
     end
     local seq = string.format('%d', redis.call('HINCRBY', KEYS[1], 'seq', 1))
     redis.call('XADD', KEYS[2], seq .. '-0',
       'seq', seq, 'ts', micros, 'old_counter', counter, 'new_counter', new_counter,
-      'old_message', message, 'new_message', new_message, 'update_type', ARGV[i + 4])
+      'old_message', message, 'new_message', new_message, 'update_type', change[5])
     replies[#replies + 1] = {seq, counter, new_counter, message, new_message}
     counter, message = new_counter, new_message
   end
@@ -81,6 +83,7 @@ MAX_UPDATE_BATCH: Final = 256
 # What the script needs of one change: (mode, counter argument, "1" if a message is given, the
 # message, update_type).
 Change = tuple[str, str, str, str, str]
+_pack_changes: Final = msgspec.msgpack.Encoder().encode
 
 
 class StateKeys:
@@ -125,7 +128,7 @@ async def apply_changes(
 
     `run` sends a command, e.g. a client's `execute_command`.
     """
-    replies = await UPDATE_SCRIPT(run, (keys.state, keys.audit), *itertools.chain(*changes))
+    replies = await UPDATE_SCRIPT(run, (keys.state, keys.audit), _pack_changes(changes))
     return [_result(reply) for reply in replies]
 
 

@@ -8,6 +8,7 @@ import asyncpg
 from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
 
+from konnichiwa.coalesce import CoalescedReads
 from konnichiwa.errors import FieldError, Problem, validation_problem
 from konnichiwa.idempotency import idempotent
 from konnichiwa.postgres import pg_pool
@@ -18,6 +19,7 @@ from konnichiwa.schemas import (
     UsersPage,
     convert_query,
     decode_body,
+    encode,
     json_response,
     person_name,
     rfc3339,
@@ -89,10 +91,23 @@ async def create(request: web.Request) -> web.Response:
     return await idempotent(request, new, insert)
 
 
+# Concurrent requests for one page share a query that started after they arrived, and its
+# encoded answer (see coalesce.py).
+user_pages = web.AppKey("user_pages", CoalescedReads[tuple[int, int], bytes])
+PAGES_KEPT: Final = 256
+
+
 async def index(request: web.Request) -> web.Response:
     """Users, newest first."""
     query = convert_query(dict(request.query), PageQuery)
-    return json_response(await list_users(request.app[pg_pool], query))
+    return json_response(await request.app[user_pages].get((query.page, query.limit)))
+
+
+def setup_users(app: web.Application) -> None:
+    async def render(page: tuple[int, int]) -> bytes:
+        return encode(await list_users(app[pg_pool], PageQuery(*page)))
+
+    app[user_pages] = CoalescedReads(render, PAGES_KEPT)
 
 
 async def show(request: web.Request) -> web.Response:

@@ -140,6 +140,22 @@ async def test_overflow_is_refused_not_wrapped(client: Client, start: int, incre
 
 
 @pytest.mark.parametrize(
+    ("start", "increment"),
+    [(2**53 - 2, 1), (2**53 - 1, 1), (2**53, 1), (-(2**53) + 2, -1), (-(2**53) + 1, -1),
+     (INT64_MAX - 1, 1), (INT64_MIN + 1, -1), (2**53 + 1, -(2**54))],
+)  # fmt: skip
+async def test_increments_are_exact_across_the_whole_64_bit_range(
+    client: Client, start: int, increment: int
+) -> None:
+    """Around ±2**53, where a Lua number stops holding every integer, and at the ends."""
+    await _update(client, {"counter": start})
+    status, answer = await _update(client, {"increment": increment})
+    assert status == 200
+    assert answer["new_state"] == {"counter": start + increment, "message": ""}
+    assert await _state(client) == (start + increment, "")
+
+
+@pytest.mark.parametrize(
     ("headers", "status"), [({}, 401), (READ_AUTH, 403), ({"X-API-Key": "nope" * 5}, 401)]
 )
 async def test_update_needs_the_write_scope(

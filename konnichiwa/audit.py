@@ -17,9 +17,10 @@ import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import asyncpg
+import msgspec
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -91,38 +92,36 @@ end
 return 0
 """)
 
-PERSIST: Final = "SELECT audit_persist($1, $2, $3, $4, $5, $6, $7)"  # see migration 0004
+PERSIST: Final = "SELECT audit_persist_batch($1)"  # see migrations 0004 and 0005
 PAGE: Final = """
 SELECT seq, changed_at, old_counter, new_counter, old_message, new_message, update_type
 FROM audit_log WHERE seq <= $1 AND seq > $2 ORDER BY seq DESC
 """
 
 
-class AuditEvent(NamedTuple):
-    seq: int
-    changed_at: datetime
-    old_counter: int
-    new_counter: int
-    old_message: str
-    new_message: str
-    update_type: str
+# An outbox entry's values in the order audit_persist_batch takes them, as text.
+AuditRow = tuple[str, str, str, str, str, str, str]
+ROW_FIELDS: Final = (b"seq", b"ts", b"old_counter", b"new_counter", b"old_message",
+                     b"new_message", b"update_type")  # fmt: skip
+_encode_rows = msgspec.json.Encoder().encode
 
 
-def parse_entry(fields: dict[bytes, bytes]) -> AuditEvent:
-    return AuditEvent(
-        int(fields[b"seq"]),
-        _EPOCH + timedelta(microseconds=int(fields[b"ts"])),
-        int(fields[b"old_counter"]),
-        int(fields[b"new_counter"]),
-        fields[b"old_message"].decode(),
-        fields[b"new_message"].decode(),
-        fields[b"update_type"].decode(),
+def audit_row(fields: dict[bytes, bytes]) -> AuditRow:
+    """An outbox entry's fields as a row to persist, passed on unparsed."""
+    seq, ts, old_counter, new_counter, old_message, new_message, update_type = (
+        fields[name].decode() for name in ROW_FIELDS
     )
+    return seq, ts, old_counter, new_counter, old_message, new_message, update_type
 
 
-async def persist(pool: asyncpg.Pool, events: Sequence[AuditEvent]) -> int:
+def written_at(fields: dict[bytes, bytes]) -> datetime:
+    """When an outbox entry's change was made (Redis's clock, microseconds)."""
+    return _EPOCH + timedelta(microseconds=int(fields[b"ts"]))
+
+
+async def persist(pool: asyncpg.Pool, rows: Sequence[AuditRow]) -> int:
     """Insert a batch (duplicates ignored) and return the watermark after it: one round trip."""
-    upto: int = await pool.fetchval(PERSIST, *zip(*events, strict=True))
+    upto: int = await pool.fetchval(PERSIST, _encode_rows(rows).decode())
     return upto
 
 
@@ -140,9 +139,9 @@ class AuditWriter:
         handed: list[Any] = []  # the next batch, read by the script that finished the last one
         while True:
             try:
-                events, ids = _decode(handed) if handed else await self._next_batch()
+                rows, ids = _decode(handed) if handed else await self._next_batch()
                 handed = []
-                upto = await self._store(events) if events else 0
+                upto = await self._store(rows) if rows else 0
                 if ids:
                     # No batch handed over when a claim is due: the next read must be the claim.
                     count = 0 if self._claim_due() else BATCH_SIZE
@@ -172,7 +171,7 @@ class AuditWriter:
     def _claim_due(self) -> bool:
         return time.monotonic() - self.last_claim > CLAIM_EVERY
 
-    async def _next_batch(self) -> tuple[list[AuditEvent], list[bytes]]:
+    async def _next_batch(self) -> tuple[list[AuditRow], list[bytes]]:
         if self._claim_due():
             self.last_claim = time.monotonic()
             await reconcile(self.redis, self.pool, self.keys)  # Redis may have failed over
@@ -188,28 +187,28 @@ class AuditWriter:
         )
         return _decode(reply[0][1]) if reply else ([], [])
 
-    async def _store(self, events: list[AuditEvent]) -> int:
+    async def _store(self, rows: list[AuditRow]) -> int:
         """Persist until it works (the entries stay pending, safe in Redis); the new watermark."""
         delay = 0.1
         started = time.monotonic()
         while True:
             try:
-                upto = await persist(self.pool, events)
+                upto = await persist(self.pool, rows)
                 break
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                 log.warning("audit consumer: Postgres unavailable (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_DELAY)
         if (took := time.monotonic() - started) > SLOW_BATCH_SECONDS:
-            log.warning("audit consumer: %d entries took %.2f s to persist", len(events), took)
+            log.warning("audit consumer: %d entries took %.2f s to persist", len(rows), took)
         return upto
 
 
-def _decode(entries: list[Any]) -> tuple[list[AuditEvent], list[bytes]]:
+def _decode(entries: list[Any]) -> tuple[list[AuditRow], list[bytes]]:
     """Entries as redis-py parses them, (id, {field: value}), or as a script returns them,
     [id, [field, value, ...]]; an entry deleted meanwhile has no fields."""
     ids = [entry_id for entry_id, _ in entries]
-    return [parse_entry(_as_dict(fields)) for _, fields in entries if fields], ids
+    return [audit_row(_as_dict(fields)) for _, fields in entries if fields], ids
 
 
 def _as_dict(fields: dict[bytes, bytes] | list[bytes]) -> dict[bytes, bytes]:
@@ -245,7 +244,7 @@ async def audit_backlog(redis: Redis, keys: StateKeys) -> AuditBacklog:
     if head <= persisted:
         return AuditBacklog(0, 0.0)
     oldest: Any = await redis.xrange(keys.audit, min=f"{persisted + 1}-0", count=1)
-    written = parse_entry(oldest[0][1]).changed_at if oldest else datetime.now(UTC)
+    written = written_at(oldest[0][1]) if oldest else datetime.now(UTC)
     age = (datetime.now(UTC) - written).total_seconds()
     return AuditBacklog(head - persisted, round(max(age, 0.0), 3))
 

@@ -113,6 +113,10 @@ def describe(request: UpdateRequest) -> Change:
         changed.append("increment")
     message = request.message if isinstance(request.message, str) else None
     if message is not None:
+        if "\x00" in message:  # Postgres text cannot hold it: the change could never be audited
+            raise validation_problem(
+                [FieldError("message", "The message cannot contain the NUL character (U+0000).")]
+            )
         changed.append("message")
     if not changed:
         raise validation_problem(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
 import pytest
 import redis.asyncio
 
-from konnichiwa.audit import AuditEvent, audit_backlog, persist
+from konnichiwa.audit import AuditRow, audit_backlog, persist
 from konnichiwa.schemas import AuditBacklog, UpdateRequest
 from konnichiwa.state import StateKeys, apply_update
 from tests.support import FULL_AUTH, Client
@@ -126,8 +126,9 @@ async def test_read_your_writes_from_another_connection(client: Client) -> None:
             assert body["logs"][0]["new_message"] == f"m{n}"
 
 
-def _event(seq: int) -> AuditEvent:
-    return AuditEvent(seq, datetime.now(UTC), seq - 1, seq, "", "", "increment")
+def _event(seq: int) -> AuditRow:
+    micros = int(datetime.now(UTC).timestamp() * 1e6)
+    return str(seq), str(micros), str(seq - 1), str(seq), "", "", "increment"
 
 
 async def test_redelivered_batches_make_no_duplicates(database_url: str) -> None:
@@ -139,6 +140,28 @@ async def test_redelivered_batches_make_no_duplicates(database_url: str) -> None
         assert await pool.fetchval("SELECT count(*) FROM audit_log") == 6
     finally:
         await pool.close()
+
+
+async def test_rows_are_stored_exactly_as_the_outbox_holds_them(database_url: str) -> None:
+    """64-bit ends, microseconds, and messages that JSON must escape survive the trip."""
+    micros = 1_795_000_000_123_457  # 2026-11-18T...457 µs
+    message = 'quote " backslash \\ newline \n tab \t \x01 こんにちは 🎌'
+    rows: list[AuditRow] = [
+        ("1", str(micros), str(2**63 - 1), str(-(2**63)), message, "", "counter, message"),
+        ("2", str(micros + 1), "0", "9007199254740993", "", message, "counter"),
+    ]
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        assert await persist(pool, rows) == 2
+        stored = await pool.fetch("SELECT * FROM audit_log ORDER BY seq")
+    finally:
+        await pool.close()
+    expected = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    assert [row["changed_at"] for row in stored] == [expected, expected + timedelta(microseconds=1)]
+    assert (stored[0]["old_counter"], stored[0]["new_counter"]) == (2**63 - 1, -(2**63))
+    assert stored[1]["new_counter"] == 9007199254740993
+    assert stored[0]["old_message"] == stored[1]["new_message"] == message
+    assert stored[0]["update_type"] == "counter, message"
 
 
 async def test_backlog_counts_changes_not_yet_persisted(redis_url: str) -> None:

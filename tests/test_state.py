@@ -92,6 +92,7 @@ INVALID_UPDATES = [
     ({"message": 5}, "message"),
     ({"message": None}, "message"),
     ({"message": "x" * 1001}, "message"),
+    ({"message": "NUL \x00 inside"}, "message"),
     ({"counter": 1, "increment": 1}, "increment"),
 ]
 

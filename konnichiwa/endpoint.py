@@ -1,10 +1,10 @@
 """One layer around every route's handler: request ID, API key, problem+json, counting.
 
-Not aiohttp middlewares: with any middleware at all aiohttp adds one of its own and runs the
-chain as a coroutine per middleware on every request. One coroutine made once per route, which
-knows the route's number and scope up front, does the same work for a fifth less of the
-worker's time on the cheapest routes. Requests no route matches reach a catch-all route, so a 404
-or 405 is problem+json and counted like any other answer.
+Not aiohttp middlewares: with any middleware at all aiohttp adds one of its own and builds and
+runs a chain of coroutines per request. One coroutine made once per route, which knows the
+route's number and scope up front, does the same work with none of that. Requests no route
+matches reach a catch-all route, so a 404 or 405 is problem+json and counted like any other
+answer.
 """
 
 from __future__ import annotations

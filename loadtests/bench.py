@@ -1,10 +1,10 @@
 """Peak throughput and latency per endpoint with wrk, as ratios to a bare aiohttp app measured in
-the same run: the reference is measured before the first endpoint and after each one, and every
-endpoint is compared with the mean of the two reference runs around it, so a shared machine's
-drift during the run does not tilt the ratios.
+the same run. Each endpoint is measured in several rounds, each round between two reference runs
+and compared with their mean, and the round with the median ratio is reported: a shared machine's
+drift, or a burst of noise during one round, does not tilt a verdict.
 
-    python -m loadtests.bench                     # every endpoint, 10 s each, 64 connections
-    python -m loadtests.bench --duration 20 --endpoint /status --endpoint "POST /update"
+    python -m loadtests.bench                     # every endpoint, 3 rounds of 5 s, 64 connections
+    python -m loadtests.bench --rounds 5 --endpoint "GET /status" --endpoint "POST /update"
 
 Prints a table, saves JSON and a bar chart PNG under loadtests/results/, exits 1 when a target of
 the table in the README is missed.
@@ -82,6 +82,7 @@ class Result:
     errors: int
     persisted_per_second: float | None = None  # writes: the rate at which Postgres caught up
     persisted_ratio: float | None = None
+    round_ratios: tuple[float, ...] = ()  # every round's, the reported one among them
 
     @property
     def met(self) -> bool:
@@ -204,13 +205,42 @@ def seed(base: str, api_key: str) -> None:
         post_json(base + "/users", {"name": "Yamada Taro", "email": f"seed{n}@example.jp"}, api_key)
 
 
+@dataclass(frozen=True)
+class Round:
+    """One wrk run of an endpoint and the mean of the reference runs just before and after it."""
+
+    figures: Measurement
+    baseline: float
+    persisted_per_second: float | None  # writes: the rate at which Postgres caught up
+
+    @property
+    def ratio(self) -> float:
+        return self.figures.requests_per_second / self.baseline
+
+
+def median_round(rounds: Sequence[Round]) -> Round:
+    """The round whose ratio is the median (of an odd number; the upper middle of an even one)."""
+    return sorted(rounds, key=lambda r: r.ratio)[len(rounds) // 2]
+
+
+def result_of(endpoint: Endpoint, rounds: Sequence[Round]) -> Result:
+    chosen = median_round(rounds)
+    m, baseline, persisted = chosen.figures, chosen.baseline, chosen.persisted_per_second
+    return Result(
+        endpoint.name, m.requests_per_second, m.p50_ms, m.p99_ms, round(baseline),
+        round(chosen.ratio, 3), endpoint.min_ratio, endpoint.max_p99_ms,
+        sum(r.figures.errors for r in rounds), persisted,
+        None if persisted is None else round(persisted / baseline, 3),
+        tuple(round(r.ratio, 3) for r in rounds),
+    )  # fmt: skip
+
+
 def measure(
     base: str, endpoint: Endpoint, api_key: str, options: argparse.Namespace, folder: Path
 ) -> tuple[Measurement, float | None]:
-    """wrk against one endpoint after a warm-up; for writes, also the rate persisted to Postgres."""
+    """wrk against one endpoint; for writes, also the rate persisted to Postgres."""
     script = wrk_script(endpoint, api_key, folder)
     url = base + endpoint.path
-    run_wrk(url, 2, options.connections, script)
     if endpoint.method == "GET":
         return run_wrk(url, options.duration, options.connections, script), None
     before, started = audit_total(base), time.monotonic()
@@ -306,6 +336,7 @@ def report(results: Sequence[Result], reference: Sequence[Measurement]) -> str:
             f"{r.reference_per_second:>9,.0f}{r.ratio:>7.2f}"
             f"{r.min_ratio:>8.2f}{r.max_p99_ms:>7.0f}  "
             f"{'met' if r.met else 'MISSED'}{persisted}"
+            f"  (rounds {' '.join(f'{ratio:.2f}' for ratio in r.round_ratios)})"
         )
     return "\n".join(lines)
 
@@ -315,7 +346,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--duration", type=int, default=10, help="seconds per endpoint")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per endpoint (median kept)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument(
         "--endpoint", action="append", choices=[e.name for e in ENDPOINTS],
@@ -345,26 +377,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             seed(service.url, api_key)
             reference = [run_wrk(reference_url, options.duration, options.connections)]
-            measured = []
+            results = []
             memory = MemoryWatch(service, api_key)
             for endpoint in chosen:
-                measured.append(measure(service.url, endpoint, api_key, options, folder))
-                reference.append(run_wrk(reference_url, options.duration, options.connections))
-                memory.observe()
+                run_wrk(service.url + endpoint.path, 2, options.connections,
+                        wrk_script(endpoint, api_key, folder))  # warm-up  # fmt: skip
+                rounds = []
+                for _ in range(options.rounds):
+                    figures, persisted = measure(service.url, endpoint, api_key, options, folder)
+                    reference.append(run_wrk(reference_url, options.duration, options.connections))
+                    around = reference[-2].requests_per_second + reference[-1].requests_per_second
+                    rounds.append(Round(figures, around / 2, persisted))
+                    memory.observe()
+                results.append(result_of(endpoint, rounds))
             growth = memory.finish(
                 lambda: run_wrk(service.url + "/status", options.duration, options.connections)
             )
-    results = []
-    for index, (endpoint, (m, persisted)) in enumerate(zip(chosen, measured, strict=True)):
-        baseline = (
-            reference[index].requests_per_second + reference[index + 1].requests_per_second
-        ) / 2
-        results.append(
-            Result(endpoint.name, m.requests_per_second, m.p50_ms, m.p99_ms, round(baseline),
-                   round(m.requests_per_second / baseline, 3), endpoint.min_ratio,
-                   endpoint.max_p99_ms, m.errors, persisted,
-                   None if persisted is None else round(persisted / baseline, 3))
-        )  # fmt: skip
     print(report(results, reference))
     print(
         f"worker RSS {sorted(growth.early_rss.values())} bytes after {growth.early_requests:,} "
@@ -382,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "settings": {
                     "workers": options.workers,
                     "duration_s": options.duration,
+                    "rounds": options.rounds,
                     "connections": options.connections,
                     "load_generator": "wrk -t2",
                 },

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests.bench import MemoryGrowth, Result, parse_wrk
+from loadtests.bench import (
+    ENDPOINTS,
+    Measurement,
+    MemoryGrowth,
+    Result,
+    Round,
+    parse_wrk,
+    result_of,
+)
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:4000/status
   2 threads and 64 connections
@@ -71,3 +79,20 @@ def test_memory_growth(
     check = MemoryGrowth(200_000, early, 1_000_000, late)
     assert check.growth == pytest.approx(growth)
     assert check.met is met
+
+
+def _round(rate: float, baseline: float, p99_ms: float, errors: int = 0) -> Round:
+    return Round(Measurement(rate, 2.0, p99_ms, int(rate * 5), errors), baseline, None)
+
+
+def test_the_median_round_is_reported_with_every_rounds_errors() -> None:
+    slow_burst = _round(12_000, 20_000, 30.0)  # noise in one round: 0.60
+    rounds = [_round(18_000, 20_000, 8.0), slow_burst, _round(19_000, 20_000, 7.0, errors=2)]
+    result = result_of(ENDPOINTS[0], rounds)
+    assert (result.ratio, result.p99_ms, result.reference_per_second) == (0.9, 8.0, 20_000)
+    assert result.round_ratios == (0.9, 0.6, 0.95)
+    assert result.errors == 2
+    assert not result.met, "an error in any round fails the endpoint"
+    clean = result_of(ENDPOINTS[0], [*rounds[:2], _round(19_000, 20_000, 7.0)])
+    assert clean.met
+    assert result_of(ENDPOINTS[0], [slow_burst]).met is False

@@ -99,8 +99,8 @@ FROM audit_log WHERE seq <= $1 AND seq > $2 ORDER BY seq DESC
 """
 
 
-# An outbox entry's values in the order audit_persist_batch takes them, as text.
-AuditRow = tuple[str, str, str, str, str, str, str]
+# An outbox entry's values in the order audit_persist_batch takes them (ROW_FIELDS), as text.
+AuditRow = tuple[str, ...]
 ROW_FIELDS: Final = (b"seq", b"ts", b"old_counter", b"new_counter", b"old_message",
                      b"new_message", b"update_type")  # fmt: skip
 _encode_rows = msgspec.json.Encoder().encode
@@ -108,10 +108,7 @@ _encode_rows = msgspec.json.Encoder().encode
 
 def audit_row(fields: dict[bytes, bytes]) -> AuditRow:
     """An outbox entry's fields as a row to persist, passed on unparsed."""
-    seq, ts, old_counter, new_counter, old_message, new_message, update_type = (
-        fields[name].decode() for name in ROW_FIELDS
-    )
-    return seq, ts, old_counter, new_counter, old_message, new_message, update_type
+    return tuple(fields[name].decode() for name in ROW_FIELDS)
 
 
 def written_at(fields: dict[bytes, bytes]) -> datetime:

@@ -245,10 +245,9 @@ def percentile(histogram: Sequence[int], fraction: float) -> float | None:
 class WorkerSlot:
     """One worker's own slot: it alone writes here."""
 
-    __slots__ = ("base", "board", "cells", "in_flight", "ring_at", "routes_at")
+    __slots__ = ("base", "cells", "in_flight", "ring_at", "routes_at")
 
     def __init__(self, board: Scoreboard, number: int) -> None:
-        self.board = board
         self.cells = board.cells
         self.base = board._base(number)
         self.in_flight = self.base + IN_FLIGHT

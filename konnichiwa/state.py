@@ -8,6 +8,7 @@ an update nor see non-consecutive old/new values. Counter values never pass thro
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -183,24 +184,27 @@ async def read_snapshot(redis: Redis, keys: StateKeys) -> Snapshot:
     return Snapshot(int(counter or 0), _text(message), int(seq or 0), int(persisted or 0))
 
 
-class Reading(NamedTuple):
-    """One coalesced read of the state: the snapshot, and the /status answer made from it once
-    for every request the read serves."""
+class Reading:
+    """One coalesced read of the state, shared by every request it serves. The /status answer is
+    made from it once, when the first of them asks (the watermark polls of /logs never do)."""
 
-    snapshot: Snapshot
-    status_body: bytes
+    def __init__(self, snapshot: Snapshot, read_at: float, started: float) -> None:
+        self.snapshot, self.read_at, self.started = snapshot, read_at, started
+
+    @functools.cached_property
+    def status_body(self) -> bytes:
+        return encode(
+            Status(
+                self.snapshot.counter,
+                self.snapshot.message,
+                rfc3339(datetime.fromtimestamp(self.read_at, UTC)),
+                round(self.read_at - self.started, 3),
+            )
+        )
 
 
 async def read_state(redis: Redis, keys: StateKeys, started: float) -> Reading:
-    snapshot = await read_snapshot(redis, keys)
-    now = time.time()
-    status = Status(
-        snapshot.counter,
-        snapshot.message,
-        rfc3339(datetime.fromtimestamp(now, UTC)),
-        round(now - started, 3),
-    )
-    return Reading(snapshot, encode(status))
+    return Reading(await read_snapshot(redis, keys), time.time(), started)
 
 
 # Every read of the state on this worker goes through one coalesced HMGET.

@@ -236,10 +236,9 @@ def result_of(endpoint: Endpoint, rounds: Sequence[Round]) -> Result:
 
 
 def measure(
-    base: str, endpoint: Endpoint, api_key: str, options: argparse.Namespace, folder: Path
+    base: str, endpoint: Endpoint, script: Path, options: argparse.Namespace
 ) -> tuple[Measurement, float | None]:
     """wrk against one endpoint; for writes, also the rate persisted to Postgres."""
-    script = wrk_script(endpoint, api_key, folder)
     url = base + endpoint.path
     if endpoint.method == "GET":
         return run_wrk(url, options.duration, options.connections, script), None
@@ -380,11 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = []
             memory = MemoryWatch(service, api_key)
             for endpoint in chosen:
-                run_wrk(service.url + endpoint.path, 2, options.connections,
-                        wrk_script(endpoint, api_key, folder))  # warm-up  # fmt: skip
+                script = wrk_script(endpoint, api_key, folder)
+                run_wrk(service.url + endpoint.path, 2, options.connections, script)  # warm-up
                 rounds = []
                 for _ in range(options.rounds):
-                    figures, persisted = measure(service.url, endpoint, api_key, options, folder)
+                    figures, persisted = measure(service.url, endpoint, script, options)
                     reference.append(run_wrk(reference_url, options.duration, options.connections))
                     around = reference[-2].requests_per_second + reference[-1].requests_per_second
                     rounds.append(Round(figures, around / 2, persisted))

@@ -40,7 +40,14 @@ from konnichiwa.schemas import (
     json_response,
     rfc3339,
 )
-from konnichiwa.state import Reading, StateKeys, read_snapshot, readings, state_keys
+from konnichiwa.state import (
+    Reading,
+    StateKeys,
+    read_audit_row,
+    read_snapshot,
+    readings,
+    state_keys,
+)
 
 log = logging.getLogger("konnichiwa.audit")
 
@@ -99,26 +106,32 @@ FROM audit_log WHERE seq <= $1 AND seq > $2 ORDER BY seq DESC
 """
 
 
-# An outbox entry's values in the order audit_persist_batch takes them (ROW_FIELDS), as text.
-AuditRow = tuple[str, ...]
-ROW_FIELDS: Final = (b"seq", b"ts", b"old_counter", b"new_counter", b"old_message",
-                     b"new_message", b"update_type")  # fmt: skip
-_encode_rows = msgspec.json.Encoder().encode
+# An outbox entry holds its audit row, JSON text as audit_persist_batch takes it, in one field
+# (see state.UPDATE_SCRIPT). Entries written by the release before it hold the same values in
+# seven fields of these names: consumers of this release persist those too (rolling deploys).
+ROW_FIELD: Final = b"row"
+SEPARATE_FIELDS: Final = (b"seq", b"ts", b"old_counter", b"new_counter", b"old_message",
+                          b"new_message", b"update_type")  # fmt: skip
+_encode = msgspec.json.Encoder().encode
 
 
-def audit_row(fields: dict[bytes, bytes]) -> AuditRow:
-    """An outbox entry's fields as a row to persist, passed on unparsed."""
-    return tuple(fields[name].decode() for name in ROW_FIELDS)
+def audit_row(fields: dict[bytes, bytes]) -> bytes:
+    """An outbox entry's audit row, JSON text passed on unparsed."""
+    row = fields.get(ROW_FIELD)
+    if row is None:
+        return _encode([fields[name].decode() for name in SEPARATE_FIELDS])
+    return row
 
 
 def written_at(fields: dict[bytes, bytes]) -> datetime:
     """When an outbox entry's change was made (Redis's clock, microseconds)."""
-    return _EPOCH + timedelta(microseconds=int(fields[b"ts"]))
+    return _EPOCH + timedelta(microseconds=read_audit_row(audit_row(fields)).micros)
 
 
-async def persist(pool: asyncpg.Pool, rows: Sequence[AuditRow]) -> int:
-    """Insert a batch (duplicates ignored) and return the watermark after it: one round trip."""
-    upto: int = await pool.fetchval(PERSIST, _encode_rows(rows).decode())
+async def persist(pool: asyncpg.Pool, rows: Sequence[bytes]) -> int:
+    """Insert a batch of audit rows (duplicates ignored) and return the watermark after it: one
+    round trip, the rows joined into one JSON array as they are."""
+    upto: int = await pool.fetchval(PERSIST, (b"[%b]" % b",".join(rows)).decode())
     return upto
 
 
@@ -168,7 +181,7 @@ class AuditWriter:
     def _claim_due(self) -> bool:
         return time.monotonic() - self.last_claim > CLAIM_EVERY
 
-    async def _next_batch(self) -> tuple[list[AuditRow], list[bytes]]:
+    async def _next_batch(self) -> tuple[list[bytes], list[bytes]]:
         if self._claim_due():
             self.last_claim = time.monotonic()
             await reconcile(self.redis, self.pool, self.keys)  # Redis may have failed over
@@ -184,7 +197,7 @@ class AuditWriter:
         )
         return _decode(reply[0][1]) if reply else ([], [])
 
-    async def _store(self, rows: list[AuditRow]) -> int:
+    async def _store(self, rows: list[bytes]) -> int:
         """Persist until it works (the entries stay pending, safe in Redis); the new watermark."""
         delay = 0.1
         started = time.monotonic()
@@ -201,7 +214,7 @@ class AuditWriter:
         return upto
 
 
-def _decode(entries: list[Any]) -> tuple[list[AuditRow], list[bytes]]:
+def _decode(entries: list[Any]) -> tuple[list[bytes], list[bytes]]:
     """Entries as redis-py parses them, (id, {field: value}), or as a script returns them,
     [id, [field, value, ...]]; an entry deleted meanwhile has no fields."""
     ids = [entry_id for entry_id, _ in entries]

@@ -8,11 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 import redis.asyncio
 
-from konnichiwa.audit import AuditRow, audit_backlog, persist
-from konnichiwa.schemas import AuditBacklog, UpdateRequest
+from konnichiwa.audit import audit_backlog, persist
+from konnichiwa.schemas import AuditBacklog, UpdateRequest, rfc3339
 from konnichiwa.state import StateKeys, apply_update
 from tests.support import FULL_AUTH, Client
 
@@ -126,9 +127,9 @@ async def test_read_your_writes_from_another_connection(client: Client) -> None:
             assert body["logs"][0]["new_message"] == f"m{n}"
 
 
-def _event(seq: int) -> AuditRow:
+def _event(seq: int) -> bytes:
     micros = int(datetime.now(UTC).timestamp() * 1e6)
-    return str(seq), str(micros), str(seq - 1), str(seq), "", "", "increment"
+    return msgspec.json.encode([str(seq), str(micros), str(seq - 1), str(seq), "", "", "increment"])
 
 
 async def test_redelivered_batches_make_no_duplicates(database_url: str) -> None:
@@ -142,13 +143,33 @@ async def test_redelivered_batches_make_no_duplicates(database_url: str) -> None
         await pool.close()
 
 
+async def test_the_previous_releases_function_still_persists(database_url: str) -> None:
+    """Consumers of the release before 0005 send arrays to audit_persist during a rolling deploy."""
+    moment = datetime.now(UTC)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        assert await persist(pool, [_event(1)]) == 1
+        upto = await pool.fetchval(
+            "SELECT audit_persist($1, $2, $3, $4, $5, $6, $7)",
+            [2, 3], [moment, moment], [1, 2], [2, 3], ["", ""], ["", "x"], ["increment"] * 2,
+        )  # fmt: skip
+        stored = await pool.fetch("SELECT seq, new_message FROM audit_log ORDER BY seq")
+    finally:
+        await pool.close()
+    assert upto == 3
+    assert [tuple(row) for row in stored] == [(1, ""), (2, ""), (3, "x")]
+
+
 async def test_rows_are_stored_exactly_as_the_outbox_holds_them(database_url: str) -> None:
     """64-bit ends, microseconds, and messages that JSON must escape survive the trip."""
     micros = 1_795_000_000_123_457  # 2026-11-18T...457 µs
     message = 'quote " backslash \\ newline \n tab \t \x01 こんにちは 🎌'
-    rows: list[AuditRow] = [
-        ("1", str(micros), str(2**63 - 1), str(-(2**63)), message, "", "counter, message"),
-        ("2", str(micros + 1), "0", "9007199254740993", "", message, "counter"),
+    rows = [
+        msgspec.json.encode(row)
+        for row in (
+            ["1", str(micros), str(2**63 - 1), str(-(2**63)), message, "", "counter, message"],
+            ["2", str(micros + 1), "0", "9007199254740993", "", message, "counter"],
+        )
     ]
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
@@ -162,6 +183,58 @@ async def test_rows_are_stored_exactly_as_the_outbox_holds_them(database_url: st
     assert stored[1]["new_counter"] == 9007199254740993
     assert stored[0]["old_message"] == stored[1]["new_message"] == message
     assert stored[0]["update_type"] == "counter, message"
+
+
+async def test_a_batch_reads_only_the_rows_past_the_watermark(database_url: str) -> None:
+    """However large the log and whatever the planner knows of it, a batch never scans it all."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        await pool.execute(
+            "INSERT INTO audit_log SELECT g, now(), g - 1, g, '', '', 'increment' "
+            "FROM generate_series(1, 20000) g"
+        )
+        await pool.execute("UPDATE audit_watermark SET upto = 20000")
+        scans = "SELECT seq_scan, idx_scan FROM pg_stat_user_tables WHERE relname = 'audit_log'"
+        await pool.execute("SELECT pg_stat_force_next_flush()")
+        before = await pool.fetchrow(scans)
+        for first in range(20001, 20100, 10):
+            await pool.execute("SELECT pg_stat_force_next_flush()")
+            assert await persist(pool, [_event(s) for s in range(first, first + 10)]) == first + 9
+        await pool.execute("SELECT pg_stat_clear_snapshot()")
+        after = await pool.fetchrow(scans)
+    finally:
+        await pool.close()
+    assert before is not None
+    assert after is not None
+    assert after["seq_scan"] == before["seq_scan"]
+    assert after["idx_scan"] > before["idx_scan"]
+
+
+async def test_entries_of_the_previous_layout_are_persisted(client: Client, redis_url: str) -> None:
+    """During a rolling deploy the outbox also holds entries of seven fields, as the release
+    before this one wrote them: they reach the log like any other."""
+    keys = StateKeys("dev")
+    micros = 1_795_000_000_123_456
+    connection = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await connection.hset(keys.state, mapping={"counter": "7", "message": "old", "seq": "1"})
+        await connection.xadd(
+            keys.audit,
+            {"seq": "1", "ts": str(micros), "old_counter": "0", "new_counter": "7",
+             "old_message": "", "new_message": "old", "update_type": "counter, message"},
+            id="1-0",
+        )  # fmt: skip
+    finally:
+        await connection.aclose()
+    assert (await _update(client, {"increment": 1}))["seq"] == 2
+    logs = (await _logs(client))["logs"]
+    assert [(e["id"], e["new_counter"], e["new_message"]) for e in logs] == [  # type: ignore[attr-defined]
+        (2, 8, "old"),
+        (1, 7, "old"),
+    ]
+    assert logs[1]["timestamp"] == rfc3339(  # type: ignore[index]
+        datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    )
 
 
 async def test_backlog_counts_changes_not_yet_persisted(redis_url: str) -> None:

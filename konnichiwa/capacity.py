@@ -173,10 +173,9 @@ class Sampler:
         self.slot.set(POSTGRES_IDLE, postgres.get_idle_size())
         backlog = None
         if checks["redis"].status == "up":
-            with contextlib.suppress(*DEPENDENCY_ERRORS):
-                backlog = await asyncio.wait_for(
-                    audit_backlog(redis, app[state_keys]), CHECK_TIMEOUT
-                )
+            with contextlib.suppress(*DEPENDENCY_ERRORS):  # TimeoutError among them
+                async with asyncio.timeout(CHECK_TIMEOUT):
+                    backlog = await audit_backlog(redis, app[state_keys])
         return DependencySample(checks, backlog, time.time())
 
 

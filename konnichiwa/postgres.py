@@ -92,6 +92,7 @@ async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
     app[pg_pool] = pool
     yield
     try:
-        await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
+        async with asyncio.timeout(POOL_CLOSE_TIMEOUT):
+            await pool.close()
     except TimeoutError:
         pool.terminate()

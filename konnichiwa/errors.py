@@ -12,11 +12,13 @@ from typing import Final
 import asyncpg
 import msgspec
 from aiohttp import web
+from multidict import istr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
-REQUEST_ID_HEADER: Final = "X-Request-ID"
+# An istr, as aiohttp's own header names: a header lookup or store skips case-folding the name.
+REQUEST_ID_HEADER: Final = istr("X-Request-ID")
 _SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _encode = msgspec.json.Encoder().encode
 

@@ -2,8 +2,9 @@
 
 Each change also takes the next number of a dense audit sequence and appends its audit row to a
 stream (the outbox), in the same script: concurrent writers on any worker or host can neither lose
-an update nor see non-consecutive old/new values. Counter values never pass through Lua numbers
-(doubles): Redis does the 64-bit arithmetic (HINCRBY refuses to overflow) and Lua moves strings.
+an update nor see non-consecutive old/new values. Counters pass through Lua numbers (doubles)
+only where those are exact; beyond that Redis does the 64-bit arithmetic (HINCRBY, which refuses
+to overflow) and Lua moves the digits as strings.
 """
 
 from __future__ import annotations
@@ -40,43 +41,56 @@ from konnichiwa.settings import settings_key
 # per change. The audit row is one JSON array of strings, [seq, microseconds since the epoch,
 # old_counter, new_counter, old_message, new_message, update_type]: the outbox entry's only field
 # and the reply alike, passed to Postgres as it is (one stream field instead of seven is what
-# makes the script, the consumer's reads and the consumer itself cheap).
+# makes the script, the consumer's reads and the consumer itself cheap). The state hash is
+# written once per batch, at the end: a script that has written once always runs to its end
+# (Redis refuses a script for lack of memory only before its first write), so the hash and the
+# stream cannot part. Lua moves counters as strings and adds them as numbers only when the sum is
+# exact in a double; otherwise Redis's HINCRBY does it.
 UPDATE_SCRIPT: Final = LuaScript("""
-local counter = redis.call('HGET', KEYS[1], 'counter') or '0'
-local message = redis.call('HGET', KEYS[1], 'message') or ''
+local held = redis.call('HMGET', KEYS[1], 'counter', 'message', 'seq')
+local counter, message = held[1] or '0', held[2] or ''
+local first_seq = tonumber(held[3] or '0')
+local seq = first_seq
 local now = redis.call('TIME')
 local micros = now[1] .. string.format('%06d', now[2])
 local replies = {}
 for _, change in ipairs(cmsgpack.unpack(ARGV[1])) do
   local mode, argument = change[1], change[2]
-  local new_counter, overflow = counter, false
+  local new_counter = counter
   if mode == 'increment' then
-    local added = redis.pcall('HINCRBY', KEYS[1], 'counter', argument)
-    if type(added) == 'table' and added.err then
-      overflow = true
-    elseif added > -9007199254740992 and added < 9007199254740992 then
-      new_counter = string.format('%d', added)  -- exact: within a double's 53-bit integers
-    else
-      new_counter = redis.call('HGET', KEYS[1], 'counter')  -- as Redis holds it, all 64 bits
+    local a, b = tonumber(counter), tonumber(argument)
+    if a > -2^52 and a < 2^52 and b > -2^52 and b < 2^52 then
+      new_counter = string.format('%d', a + b)  -- exact: the sum is within a double's integers
+    else  -- Redis does the 64-bit arithmetic, refusing to overflow
+      redis.call('HSET', KEYS[1], 'counter', counter)
+      local added = redis.pcall('HINCRBY', KEYS[1], 'counter', argument)
+      if type(added) == 'table' and added.err then
+        new_counter = nil
+      else
+        new_counter = redis.call('HGET', KEYS[1], 'counter')
+      end
     end
   elseif mode == 'set' then
-    redis.call('HSET', KEYS[1], 'counter', argument)
     new_counter = argument
   end
-  if overflow then
+  if new_counter == nil then
     replies[#replies + 1] = 'overflow'
   else
     local new_message = message
     if change[3] == '1' then
       new_message = change[4]
-      redis.call('HSET', KEYS[1], 'message', new_message)
     end
-    local seq = string.format('%d', redis.call('HINCRBY', KEYS[1], 'seq', 1))
-    local row = cjson.encode({seq, micros, counter, new_counter, message, new_message, change[5]})
-    redis.call('XADD', KEYS[2], seq .. '-0', 'row', row)
+    seq = seq + 1
+    local id = string.format('%d', seq)
+    local row = cjson.encode({id, micros, counter, new_counter, message, new_message, change[5]})
+    redis.call('XADD', KEYS[2], id .. '-0', 'row', row)
     replies[#replies + 1] = row
     counter, message = new_counter, new_message
   end
+end
+if seq > first_seq then
+  redis.call('HSET', KEYS[1], 'counter', counter, 'message', message,
+             'seq', string.format('%d', seq))
 end
 return replies
 """)

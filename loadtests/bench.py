@@ -3,7 +3,7 @@ the same run. Each endpoint is measured in several rounds, each round between tw
 and compared with their mean, and the round with the median ratio is reported: a shared machine's
 drift, or a burst of noise during one round, does not tilt a verdict.
 
-    python -m loadtests.bench                     # every endpoint, 3 rounds of 5 s, 64 connections
+    python -m loadtests.bench                     # every endpoint, 5 rounds of 5 s, 64 connections
     python -m loadtests.bench --rounds 5 --endpoint "GET /status" --endpoint "POST /update"
 
 Prints a table, saves JSON and a bar chart PNG under loadtests/results/, exits 1 when a target of
@@ -346,7 +346,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--duration", type=int, default=5, help="seconds per run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per endpoint (median kept)")
+    parser.add_argument("--rounds", type=int, default=5, help="runs per endpoint (median kept)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument(
         "--endpoint", action="append", choices=[e.name for e in ENDPOINTS],

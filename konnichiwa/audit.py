@@ -53,6 +53,12 @@ log = logging.getLogger("konnichiwa.audit")
 
 GROUP: Final = "audit-writers"
 BATCH_SIZE: Final = 1000
+# Group commit: after a batch smaller than this, the consumer lets the next one gather for a
+# moment. A Postgres batch has a fixed cost (its transaction, commit and watermark) that
+# dominates small ones: ~36 µs of Postgres time per row in batches of 15, ~12 µs in batches
+# of 150. An entry waits at most GATHER_SECONDS longer on its way to Postgres.
+GATHER_BELOW: Final = 100
+GATHER_SECONDS: Final = 0.005
 BLOCK_MS: Final = 1000  # one XREADGROUP waits at most this long for new entries
 CLAIM_IDLE_MS: Final = 5000  # entries pending this long belong to a consumer that died
 CLAIM_EVERY: Final = 2.0
@@ -153,12 +159,16 @@ class AuditWriter:
                 handed = []
                 upto = await self._store(rows) if rows else 0
                 if ids:
-                    # No batch handed over when a claim is due: the next read must be the claim.
-                    count = 0 if self._claim_due() else BATCH_SIZE
+                    # No batch handed over when a claim is due (the next read must be the claim)
+                    # or when the next one should gather first.
+                    gather = len(ids) < GATHER_BELOW
+                    count = 0 if gather or self._claim_due() else BATCH_SIZE
                     keys = (self.keys.state, self.keys.audit)
                     handed = await FINISH_BATCH(
                         self.redis.execute_command, keys, upto, GROUP, self.name, count, *ids
                     )
+                    if gather:
+                        await asyncio.sleep(GATHER_SECONDS)
                 delay = 0.1
                 continue
             except ResponseError as exc:

@@ -114,6 +114,19 @@ async def test_entries_describe_each_change(client: Client) -> None:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", entry["timestamp"])
 
 
+async def test_messages_reach_the_log_exactly_as_sent(client: Client) -> None:
+    """The script writes each audit row as JSON itself (cjson): every character survives."""
+    message = 'quote " backslash \\ slash / newline \n tab \t \x01 \x7f こんにちは 🎌'
+    answer = await _update(client, {"message": message})
+    assert answer["new_state"] == {"counter": 0, "message": message}
+    await _update(client, {"message": "after"})
+    logs = (await _logs(client))["logs"]
+    assert [(e["old_message"], e["new_message"]) for e in logs] == [  # type: ignore[attr-defined]
+        (message, "after"),
+        ("", message),
+    ]
+
+
 async def test_read_your_writes_from_another_connection(client: Client) -> None:
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=connector) as other:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -140,40 +141,41 @@ async def test_read_your_writes_from_another_connection(client: Client) -> None:
             assert body["logs"][0]["new_message"] == f"m{n}"
 
 
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """One connection to the test's database (statistics counted on it are its own)."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    yield pool
+    await pool.close()
+
+
 def _event(seq: int) -> bytes:
     micros = int(datetime.now(UTC).timestamp() * 1e6)
     return msgspec.json.encode([str(seq), str(micros), str(seq - 1), str(seq), "", "", "increment"])
 
 
-async def test_redelivered_batches_make_no_duplicates(database_url: str) -> None:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    try:
-        assert await persist(pool, [_event(s) for s in (1, 2, 3)]) == 3
-        assert await persist(pool, [_event(s) for s in (5, 6)]) == 3  # 4 missing: no advance
-        assert await persist(pool, [_event(s) for s in (2, 3, 4)]) == 6  # redelivery + the gap
-        assert await pool.fetchval("SELECT count(*) FROM audit_log") == 6
-    finally:
-        await pool.close()
+async def test_redelivered_batches_make_no_duplicates(pool: asyncpg.Pool) -> None:
+    assert await persist(pool, [_event(s) for s in (1, 2, 3)]) == 3
+    assert await persist(pool, [_event(s) for s in (5, 6)]) == 3  # 4 missing: no advance
+    assert await persist(pool, [_event(s) for s in (2, 3, 4)]) == 6  # redelivery + the gap
+    assert await pool.fetchval("SELECT count(*) FROM audit_log") == 6
 
 
-async def test_the_previous_releases_function_still_persists(database_url: str) -> None:
+async def test_the_previous_releases_function_still_persists(pool: asyncpg.Pool) -> None:
     """Consumers of the release before 0005 send arrays to audit_persist during a rolling deploy."""
     moment = datetime.now(UTC)
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
-    try:
-        assert await persist(pool, [_event(1)]) == 1
-        upto = await pool.fetchval(
-            "SELECT audit_persist($1, $2, $3, $4, $5, $6, $7)",
-            [2, 3], [moment, moment], [1, 2], [2, 3], ["", ""], ["", "x"], ["increment"] * 2,
-        )  # fmt: skip
-        stored = await pool.fetch("SELECT seq, new_message FROM audit_log ORDER BY seq")
-    finally:
-        await pool.close()
+    assert await persist(pool, [_event(1)]) == 1
+    upto = await pool.fetchval(
+        "SELECT audit_persist($1, $2, $3, $4, $5, $6, $7)",
+        [2, 3], [moment, moment], [1, 2], [2, 3], ["", ""], ["", "x"], ["increment"] * 2,
+    )  # fmt: skip
+    stored = await pool.fetch("SELECT seq, changed_at, new_message FROM audit_log ORDER BY seq")
     assert upto == 3
-    assert [tuple(row) for row in stored] == [(1, ""), (2, ""), (3, "x")]
+    assert [(row["seq"], row["new_message"]) for row in stored] == [(1, ""), (2, ""), (3, "x")]
+    assert [row["changed_at"] for row in stored[1:]] == [moment, moment]
 
 
-async def test_rows_are_stored_exactly_as_the_outbox_holds_them(database_url: str) -> None:
+async def test_rows_are_stored_exactly_as_the_outbox_holds_them(pool: asyncpg.Pool) -> None:
     """64-bit ends, microseconds, and messages that JSON must escape survive the trip."""
     micros = 1_795_000_000_123_457  # 2026-11-18T...457 µs
     message = 'quote " backslash \\ newline \n tab \t \x01 こんにちは 🎌'
@@ -184,12 +186,8 @@ async def test_rows_are_stored_exactly_as_the_outbox_holds_them(database_url: st
             ["2", str(micros + 1), "0", "9007199254740993", "", message, "counter"],
         )
     ]
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    try:
-        assert await persist(pool, rows) == 2
-        stored = await pool.fetch("SELECT * FROM audit_log ORDER BY seq")
-    finally:
-        await pool.close()
+    assert await persist(pool, rows) == 2
+    stored = await pool.fetch("SELECT * FROM audit_log ORDER BY seq")
     expected = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
     assert [row["changed_at"] for row in stored] == [expected, expected + timedelta(microseconds=1)]
     assert (stored[0]["old_counter"], stored[0]["new_counter"]) == (2**63 - 1, -(2**63))
@@ -198,25 +196,21 @@ async def test_rows_are_stored_exactly_as_the_outbox_holds_them(database_url: st
     assert stored[0]["update_type"] == "counter, message"
 
 
-async def test_a_batch_reads_only_the_rows_past_the_watermark(database_url: str) -> None:
+async def test_a_batch_reads_only_the_rows_past_the_watermark(pool: asyncpg.Pool) -> None:
     """However large the log and whatever the planner knows of it, a batch never scans it all."""
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
-    try:
-        await pool.execute(
-            "INSERT INTO audit_log SELECT g, now(), g - 1, g, '', '', 'increment' "
-            "FROM generate_series(1, 20000) g"
-        )
-        await pool.execute("UPDATE audit_watermark SET upto = 20000")
-        scans = "SELECT seq_scan, idx_scan FROM pg_stat_user_tables WHERE relname = 'audit_log'"
+    await pool.execute(
+        "INSERT INTO audit_log SELECT g, now(), g - 1, g, '', '', 'increment' "
+        "FROM generate_series(1, 20000) g"
+    )
+    await pool.execute("UPDATE audit_watermark SET upto = 20000")
+    scans = "SELECT seq_scan, idx_scan FROM pg_stat_user_tables WHERE relname = 'audit_log'"
+    await pool.execute("SELECT pg_stat_force_next_flush()")
+    before = await pool.fetchrow(scans)
+    for first in range(20001, 20100, 10):
         await pool.execute("SELECT pg_stat_force_next_flush()")
-        before = await pool.fetchrow(scans)
-        for first in range(20001, 20100, 10):
-            await pool.execute("SELECT pg_stat_force_next_flush()")
-            assert await persist(pool, [_event(s) for s in range(first, first + 10)]) == first + 9
-        await pool.execute("SELECT pg_stat_clear_snapshot()")
-        after = await pool.fetchrow(scans)
-    finally:
-        await pool.close()
+        assert await persist(pool, [_event(s) for s in range(first, first + 10)]) == first + 9
+    await pool.execute("SELECT pg_stat_clear_snapshot()")
+    after = await pool.fetchrow(scans)
     assert before is not None
     assert after is not None
     assert after["seq_scan"] == before["seq_scan"]

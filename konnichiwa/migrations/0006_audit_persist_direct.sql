@@ -6,7 +6,8 @@
 --   with the log until the consumers fall behind. Sequential scans are now off in that step.
 -- * audit_persist_batch inserts straight from the JSON rows instead of gathering them into seven
 --   arrays for audit_persist to unnest again (a quarter less Postgres time per row).
--- audit_persist (arrays) stays for consumers of the release before 0005 during a rolling deploy.
+-- audit_persist (arrays) stays for consumers of the release before 0005 during a rolling deploy;
+-- it now hands its rows to audit_persist_batch, so one function inserts and advances.
 
 -- After a batch is inserted, with the watermark's row locked (its value then is `upto_now`):
 -- advance the watermark to the end of the gap-free run and return it. Rows past the watermark,
@@ -45,19 +46,16 @@ BEGIN
 END
 $$;
 
+-- The previous releases' function: the same rows, handed on as JSON to the one that inserts.
 CREATE OR REPLACE FUNCTION audit_persist(
     seqs bigint[], changed timestamptz[], old_counters bigint[], new_counters bigint[],
     old_messages text[], new_messages text[], update_types text[]
-) RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE
-    upto_now bigint;
-BEGIN
-    SELECT upto INTO upto_now FROM audit_watermark FOR UPDATE;
-    INSERT INTO audit_log
-        (seq, changed_at, old_counter, new_counter, old_message, new_message, update_type)
-    SELECT * FROM unnest(seqs, changed, old_counters, new_counters,
-                         old_messages, new_messages, update_types)
-    ON CONFLICT (seq) DO NOTHING;
-    RETURN audit_advance_watermark(upto_now);
-END
+) RETURNS bigint LANGUAGE sql AS $$
+    SELECT audit_persist_batch(coalesce(jsonb_agg(jsonb_build_array(
+        seq::text, (extract(epoch FROM at) * 1000000)::bigint::text, old_counter::text,
+        new_counter::text, old_message, new_message, update_type
+    )), '[]'))
+    FROM unnest(seqs, changed, old_counters, new_counters, old_messages, new_messages,
+                update_types)
+        AS row (seq, at, old_counter, new_counter, old_message, new_message, update_type)
 $$;

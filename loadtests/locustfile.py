@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import gevent
 import msgspec
 from locust import FastHttpUser, constant_throughput, events, tag, task
 from locust.argument_parser import LocustArgumentParser
@@ -117,6 +118,14 @@ class Persona(FastHttpUser):
 
     abstract = True
     persona = ""
+
+    def on_start(self) -> None:
+        # Users start in groups (Locust spawns several at once), and constant_throughput keeps
+        # each user's phase: without a random first pause the whole group fires together every
+        # period, and the bursts queue up in Locust itself and in the service. One random pause
+        # of up to one period spreads the requests evenly over time, as independent clients are.
+        options = self.environment.parsed_options
+        gevent.sleep(random.uniform(0.0, 1.0 / (options.user_rate if options else 1.0)))
 
     def wait_time(self) -> float:
         # constant_throughput keeps its pacing state on the user, so a closure made per call

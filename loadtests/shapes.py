@@ -7,7 +7,7 @@ import time
 from locust import LoadTestShape
 from locust.argument_parser import LocustArgumentParser
 
-from loadtests.plan import SHAPES, RatePlan, users_for
+from loadtests.plan import SHAPES, USER_RATE, RatePlan, users_for
 
 
 def add_shape_arguments(parser: LocustArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_shape_arguments(parser: LocustArgumentParser) -> None:
         help="requests per second in total (fixed), the first step (steps) or the base (spike)",
     )  # fmt: skip
     group.add_argument(
-        "--user-rate", type=float, default=10.0, env_var="KONNICHIWA_USER_RATE",
+        "--user-rate", type=float, default=USER_RATE, env_var="KONNICHIWA_USER_RATE",
         help="requests per second of each simulated user",
     )  # fmt: skip
     group.add_argument("--step-rate", type=float, default=1000.0, help="rate added per step")

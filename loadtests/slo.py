@@ -18,10 +18,16 @@ import secrets
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtests.plan import USER_RATE
 from tests.support import running_service
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -116,6 +122,71 @@ class Outcome:
         return "\n".join(lines)
 
 
+# Cumulative request counts per latency bucket (upper bound in seconds), by route.
+Histograms = dict[str, dict[float, float]]
+DURATION: Final = "konnichiwa_request_duration_seconds"
+
+
+@dataclass(frozen=True)
+class ServiceLatency:
+    """The service's own latency histograms (its /metrics), so a run can tell the time spent in
+    the service from the time spent in the load generator and on the way."""
+
+    histograms: Histograms
+
+    @classmethod
+    def scrape(cls, host: str, api_key: str) -> ServiceLatency | None:
+        """The histograms now; None when /metrics cannot be read (a key without `inspect`)."""
+        request = urllib.request.Request(  # noqa: S310  (the service under test, http)
+            f"{host}/metrics", headers={"Authorization": f"Bearer {api_key}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+                text = response.read().decode()
+        except (urllib.error.URLError, OSError):
+            return None
+        histograms: Histograms = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples if family.name == DURATION else ():
+                if sample.name == f"{DURATION}_bucket":
+                    route = f"{sample.labels['method']} {sample.labels['route']}"
+                    histograms.setdefault(route, {})[float(sample.labels["le"])] = sample.value
+        return cls(histograms)
+
+    def since(self, earlier: ServiceLatency) -> ServiceLatency:
+        """The requests served between `earlier` and this scrape."""
+        return ServiceLatency({
+            route: {le: count - earlier.histograms.get(route, {}).get(le, 0.0)
+                    for le, count in buckets.items()}
+            for route, buckets in self.histograms.items()
+        })  # fmt: skip
+
+    def summary(self) -> str:
+        """A line per route and one for all: requests and p50/p95/p99, each the upper bound of
+        the 1-2-5 bucket it falls in (so 'p99 10' reads: 99 % were answered within 10 ms)."""
+        rows = {route: b for route, b in self.histograms.items() if max(b.values(), default=0)}
+        everything: dict[float, float] = {}
+        for buckets in rows.values():
+            for le, count in buckets.items():
+                everything[le] = everything.get(le, 0.0) + count
+        lines = [f"{'inside the service (its /metrics)':<38}{'requests':>10}"
+                 f"{'p50':>7}{'p95':>7}{'p99':>7}  (ms, bucket bounds)"]  # fmt: skip
+        for route, buckets in (*sorted(rows.items()), ("all routes", everything)):
+            figures = "".join(f"{_bound(buckets, q):>7}" for q in (0.5, 0.95, 0.99))
+            lines.append(f"{route[:37]:<38}{max(buckets.values(), default=0):>10.0f}{figures}")
+        return "\n".join(lines)
+
+
+def _bound(buckets: dict[float, float], quantile: float) -> str:
+    """The smallest bucket bound (ms) within which `quantile` of the requests were answered."""
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0.0
+    for le, count in ordered:
+        if total and count >= quantile * total:
+            return "inf" if le == float("inf") else f"{le * 1000:g}"
+    return "-"
+
+
 def locust_command(
     host: str, api_key: str, prefix: Path, options: argparse.Namespace, extra: Sequence[str]
 ) -> list[str]:
@@ -153,7 +224,9 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
     parser.add_argument("--api-key", default="", help="its key with read, write, inspect scopes")
     parser.add_argument("--workers", type=int, help="worker processes of a started service")
     parser.add_argument("--rate", type=float, default=Objectives.rate, help="requests/s")
-    parser.add_argument("--user-rate", type=float, default=10.0, help="requests/s per user")
+    parser.add_argument(
+        "--user-rate", type=float, default=USER_RATE, help="requests/s per simulated user"
+    )
     parser.add_argument("--run-time", type=int, default=60, help="seconds")
     parser.add_argument("--mix", default="reader=70,writer=20,operator=5,admin=5")
     parser.add_argument("--results", type=Path, help="folder for the reports")
@@ -182,12 +255,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     with target(options, folder) as (host, api_key):
         print(f"slo: {options.rate:.0f} req/s for {options.run_time} s against {host}", flush=True)
+        before = ServiceLatency.scrape(host, api_key)
         run = subprocess.run(locust_command(host, api_key, prefix, options, extra), check=False)
+        after = ServiceLatency.scrape(host, api_key)
     if not Path(f"{prefix}_steady.json").is_file():
         print(f"slo: the Locust run produced no results (exit {run.returncode})", file=sys.stderr)
         return 2
     outcome = Outcome.read(prefix)
     print(outcome.summary())
+    if before is not None and after is not None:
+        print(after.since(before).summary())
     print(f"reports: {folder}")
     misses = outcome.misses(objectives)
     for miss in misses:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from loadtests.slo import EndpointStats, Objectives, Outcome
+from loadtests.slo import EndpointStats, Objectives, Outcome, ServiceLatency
 
 ROOT = Path(__file__).parents[1]
 GOOD = EndpointStats("Aggregated", 60_000, 0, 1000.0, 2.0, 5.0, 9.0, 40.0)
@@ -37,6 +37,23 @@ def test_misses(changes: dict[str, Any], steady_rate: float, missed: list[str]) 
         assert text.startswith(expected)
 
 
+def test_service_latency_counts_only_the_run_and_reads_bucket_bounds() -> None:
+    inf = float("inf")
+    before = ServiceLatency({"GET /status": {0.001: 50, 0.002: 50, 0.01: 50, inf: 50}})
+    after = ServiceLatency({
+        "GET /status": {0.001: 50, 0.002: 140, 0.01: 149, inf: 150},  # 90, 9 and 1 in the run
+        "POST /update": {0.001: 0, 0.002: 0, 0.01: 10, inf: 10},
+        "GET /idle": {0.001: 0, 0.002: 0, 0.01: 0, inf: 0},
+    })  # fmt: skip
+    lines = after.since(before).summary().splitlines()
+    assert lines[1].split() == ["GET", "/status", "100", "2", "10", "10"]
+    assert lines[2].split() == ["POST", "/update", "10", "10", "10", "10"]
+    assert lines[3].split() == ["all", "routes", "110", "2", "10", "10"]
+    assert len(lines) == 4, "a route without requests in the run is left out"
+    slow = ServiceLatency({"GET /": {0.001: 0, inf: 100}}).summary().splitlines()
+    assert slow[1].split()[-3:] == ["inf", "inf", "inf"]
+
+
 def test_slo_run_passes_on_the_embedded_stack(server_dir: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "loadtests.slo", "--run-time", "10", "--results", str(server_dir)],
@@ -52,6 +69,9 @@ def test_slo_run_passes_on_the_embedded_stack(server_dir: Path) -> None:
         "GET /inspect",
     ):
         assert endpoint in run.stdout
+    service = run.stdout[run.stdout.index("inside the service") :].splitlines()
+    assert any(line.startswith("POST /update") for line in service), "the service's own figures"
+    assert any(line.startswith("all routes") for line in service)
     assert (server_dir / "locust.html").read_text().count("<html") == 1
     outcome = Outcome.read(server_dir / "locust")
     assert outcome.total.failures == 0

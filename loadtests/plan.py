@@ -11,12 +11,12 @@ import math
 from dataclasses import dataclass
 
 SHAPES = ("fixed", "steps", "spike")
-# Requests per second of each simulated user. Few busy users rather than many idle ones: Locust
-# times every request from its own gevent loop, and with 100 users at 10/s its loop added a p50
-# of ~9 ms and a p99 of ~30 ms to a bare aiohttp app's answers at 1,000 req/s on a 2-core
-# machine (20 users at 50/s: p50 ~3, p99 ~7-13 ms). A user still waits for each answer, so a
-# slow service still lowers the achieved rate.
-USER_RATE = 50.0
+# Requests per second of each simulated user. Locust times every request from its own gevent
+# loop: against a bare aiohttp app at 1,000 req/s on a 2-core machine, 100 users at 10/s added
+# p50 ~7 / p99 ~23 ms of their own (~9 / ~30 when they start in step), 50 users at 20/s p50 ~2 /
+# p99 5-8 ms. A user waits for each answer and does not make up for a slow one, so each period
+# (50 ms) must leave room for the slowest answers, or the achieved rate falls short.
+USER_RATE = 20.0
 PERSONAS = ("reader", "writer", "operator", "admin")
 
 

@@ -265,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(outcome.summary())
     if before is not None and after is not None:
         print(after.since(before).summary())
+    else:
+        print("the service's own figures: its /metrics could not be read (a key without `inspect`)")
     print(f"reports: {folder}")
     misses = outcome.misses(objectives)
     for miss in misses:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from loadtests.slo import EndpointStats, Objectives, Outcome, ServiceLatency
+from tests.support import free_port
 
 ROOT = Path(__file__).parents[1]
 GOOD = EndpointStats("Aggregated", 60_000, 0, 1000.0, 2.0, 5.0, 9.0, 40.0)
@@ -52,6 +53,10 @@ def test_service_latency_counts_only_the_run_and_reads_bucket_bounds() -> None:
     assert len(lines) == 4, "a route without requests in the run is left out"
     slow = ServiceLatency({"GET /": {0.001: 0, inf: 100}}).summary().splitlines()
     assert slow[1].split()[-3:] == ["inf", "inf", "inf"]
+
+
+def test_service_latency_is_none_when_metrics_cannot_be_read() -> None:
+    assert ServiceLatency.scrape(f"http://127.0.0.1:{free_port()}", "any-key") is None
 
 
 def test_slo_run_passes_on_the_embedded_stack(server_dir: Path) -> None:

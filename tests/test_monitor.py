@@ -129,6 +129,19 @@ def test_unknown_once_the_service_stops(tmp_path: Path, redis_url: str, database
     assert result.stdout.startswith(f"KONNICHIWA UNKNOWN - cannot reach {running.url}")
 
 
+@pytest.fixture
+def interruptible() -> Iterator[None]:
+    """Children started meanwhile can be interrupted, even when this suite inherited SIGINT
+    ignored (a job a shell without job control started in the background): an ignored signal
+    stays ignored in a child, a handled one is reset to its default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("interruptible")
 def test_watch_repeats_until_interrupted(service: ServiceProcess) -> None:
     with subprocess.Popen(
         [sys.executable, "-m", "konnichiwa", "monitor", "--watch", "0.2", *WARN_ON_MEMORY],

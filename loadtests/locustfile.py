@@ -124,14 +124,18 @@ class Persona(FastHttpUser):
         # each user's phase: without a random first pause the whole group fires together every
         # period, and the bursts queue up in Locust itself and in the service. One random pause
         # of up to one period spreads the requests evenly over time, as independent clients are.
-        options = self.environment.parsed_options
-        gevent.sleep(random.uniform(0.0, 1.0 / (options.user_rate if options else 1.0)))
+        gevent.sleep(random.uniform(0.0, 1.0 / self.user_rate))
 
     def wait_time(self) -> float:
         # constant_throughput keeps its pacing state on the user, so a closure made per call
         # with the rate read from the command line at run time paces exactly like the original.
+        return constant_throughput(self.user_rate)(self)
+
+    @property
+    def user_rate(self) -> float:
+        """Tasks a second, from `--user-rate`."""
         options = self.environment.parsed_options
-        return constant_throughput(options.user_rate if options else 1.0)(self)
+        return float(options.user_rate) if options else 1.0
 
     @property
     def auth(self) -> dict[str, str]:

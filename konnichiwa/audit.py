@@ -3,8 +3,10 @@
 Delivery is at-least-once (XREADGROUP, XAUTOCLAIM of entries a dead consumer left pending) and
 the insert is idempotent (ON CONFLICT on the sequence number), so each change is exactly one row.
 Every batch also advances a watermark — all rows 1..upto are present — in the same transaction;
-it is mirrored into the Redis state hash as `persisted`, so `/logs` knows from one Redis round
-trip whether Postgres already holds every change acknowledged before it was asked.
+it is mirrored into the Redis state hash as `persisted`. The stream is trimmed only to the newest
+OUTBOX_KEPT of the persisted entries, so `/logs` reads the newest sequence number and the page's
+entries the outbox still holds in one Redis round trip, and asks Postgres only for older ones:
+every change acknowledged before the request is in its answer, without waiting for Postgres.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import asyncpg
 import msgspec
@@ -26,7 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from konnichiwa.background import running
-from konnichiwa.coalesce import CoalescedRead, Memo
+from konnichiwa.coalesce import CoalescedReads, Memo
 from konnichiwa.errors import Problem
 from konnichiwa.postgres import pg_pool
 from konnichiwa.redis_store import LuaScript, redis_client
@@ -41,11 +43,10 @@ from konnichiwa.schemas import (
     rfc3339,
 )
 from konnichiwa.state import (
-    Reading,
+    AuditRow,
     StateKeys,
     read_audit_row,
     read_snapshot,
-    readings,
     state_keys,
 )
 
@@ -66,26 +67,30 @@ BLOCK_MS: Final = 1000  # one XREADGROUP waits at most this long for new entries
 CLAIM_IDLE_MS: Final = 5000  # entries pending this long belong to a consumer that died
 CLAIM_EVERY: Final = 2.0
 RETRY_MAX_DELAY: Final = 2.0
-CATCH_UP_TIMEOUT: Final = 2.0  # /logs waits this long for Postgres, then answers 503
-CATCH_UP_POLL_MAX: Final = 0.002
+# Persisted entries the outbox keeps after the unpersisted ones: the newest pages of /logs (ten
+# pages of the largest limit) are then read from Redis alone. ~200 bytes of Redis memory each.
+OUTBOX_KEPT: Final = 1000
+PAGE_TIMEOUT: Final = 2.0  # a /logs query to Postgres
 SLOW_BATCH_SECONDS: Final = 0.5
 LOG_PAGES_KEPT: Final = 256
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 # After a batch is in Postgres, in one round trip: publish the watermark (it only moves forward),
-# acknowledge the batch's entries, trim what Postgres holds from the stream, and read the next
-# batch for the consumer (ARGV: watermark, group, consumer, how many to read, then the IDs) — it
-# never blocks: with nothing new the reply is empty and the consumer waits in XREADGROUP.
+# acknowledge the batch's entries, trim the stream to the newest ARGV[5] entries Postgres holds,
+# and read the next batch for the consumer (ARGV: watermark, group, consumer, how many to read,
+# how many to keep, then the IDs) — it never blocks: with nothing new the reply is empty and the
+# consumer waits in XREADGROUP. Trimming is approximate (whole stream nodes): it may keep more.
 FINISH_BATCH: Final = LuaScript("""
 local upto = tonumber(ARGV[1])
 if upto > tonumber(redis.call('HGET', KEYS[1], 'persisted') or '0') then
   redis.call('HSET', KEYS[1], 'persisted', ARGV[1])
 end
-if #ARGV > 4 then
-  redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 5))
+if #ARGV > 5 then
+  redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 6))
 end
-if upto > 0 then
-  redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', upto + 1))
+local below = upto + 1 - tonumber(ARGV[5])
+if below > 1 then
+  redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', below))
 end
 if tonumber(ARGV[4]) > 0 then
   local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],
@@ -106,6 +111,22 @@ if seq < tonumber(ARGV[1]) then
   return 1
 end
 return 0
+""")
+
+# A page of /logs as the outbox holds it, atomically with the newest sequence number it must
+# reach: [seq, persisted, entries low < n <= high] (ARGV: entries on the pages before, the limit;
+# low and high as PageQuery.bounds computes them). Entries are in the stream from the oldest one
+# kept to the newest, so a page's entries are all of it, a newest part of it, or none.
+LOG_PAGE: Final = LuaScript("""
+local held = redis.call('HMGET', KEYS[1], 'seq', 'persisted')
+local high = math.max(0, tonumber(held[1] or '0') - tonumber(ARGV[1]))
+local low = math.max(0, high - tonumber(ARGV[2]))
+local entries = {}
+if high > low then
+  entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', low + 1),
+                       string.format('%d-0', high))
+end
+return {held[1] or '0', held[2] or '0', entries}
 """)
 
 PERSIST: Final = "SELECT audit_persist_batch($1)"  # see migrations 0004 and 0005
@@ -168,7 +189,14 @@ class AuditWriter:
                     count = 0 if gather or self._claim_due() else BATCH_SIZE
                     keys = (self.keys.state, self.keys.audit)
                     handed = await FINISH_BATCH(
-                        self.redis.execute_command, keys, upto, GROUP, self.name, count, *ids
+                        self.redis.execute_command,
+                        keys,
+                        upto,
+                        GROUP,
+                        self.name,
+                        count,
+                        OUTBOX_KEPT,
+                        *ids,
                     )
                     if gather:
                         await asyncio.sleep(GATHER_SECONDS)
@@ -255,6 +283,10 @@ async def reconcile(redis: Redis, pool: asyncpg.Pool, keys: StateKeys) -> None:
 async def audit_writer_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run this worker's outbox consumer for as long as the worker serves."""
     app[log_pages] = Memo(LOG_PAGES_KEPT)
+    redis, keys = app[redis_client], app[state_keys]
+    app[outbox_pages] = CoalescedReads(
+        lambda page: read_outbox_page(redis, keys, page), LOG_PAGES_KEPT
+    )
     writer = AuditWriter(app[redis_client], app[pg_pool], app[state_keys])
     await reconcile(writer.redis, writer.pool, writer.keys)
     await writer.ensure_group()
@@ -272,35 +304,58 @@ async def audit_backlog(redis: Redis, keys: StateKeys) -> AuditBacklog:
     return AuditBacklog(head - persisted, round(max(age, 0.0), 3))
 
 
-async def caught_up(reader: CoalescedRead[Reading]) -> int:
-    """Wait until Postgres holds every change made so far; the watermark, or a 503 problem."""
-    snapshot = (await reader.get()).snapshot
-    target, persisted = snapshot.seq, snapshot.persisted
-    deadline = time.monotonic() + CATCH_UP_TIMEOUT
-    pause = 0.0005
-    # Short pauses: the watermark usually arrives within a consumer's batch (a few ms), and the
-    # polls of all waiting requests on a worker share one coalesced Redis read.
-    while persisted < target:
-        if time.monotonic() > deadline:
-            raise Problem(
-                503,
-                "Service Unavailable",
-                f"The audit log is {target - persisted} change(s) behind; try again shortly.",
-                type="/problems/audit-catching-up",
-                headers={"Retry-After": "2"},
-            )
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, CATCH_UP_POLL_MAX)
-        persisted = (await reader.get()).snapshot.persisted
-    return persisted
+class OutboxPage(NamedTuple):
+    """What LOG_PAGE read: the newest change, the watermark, the page's rows still in the outbox."""
+
+    seq: int
+    persisted: int
+    rows: list[AuditRow]
 
 
-async def read_page(pool: asyncpg.Pool, upto: int, query: PageQuery) -> list[AuditEntry]:
-    """One page, newest first: a range scan on the dense sequence, no OFFSET, no count(*)."""
-    high, low = query.bounds(upto)
-    if high == 0:
+async def read_outbox_page(redis: Redis, keys: StateKeys, page: tuple[int, int]) -> OutboxPage:
+    number, limit = page
+    seq, persisted, entries = await LOG_PAGE(
+        redis.execute_command, (keys.state, keys.audit), (number - 1) * limit, limit
+    )
+    rows, _ = _decode(entries)
+    return OutboxPage(int(seq), int(persisted), [read_audit_row(row) for row in rows])
+
+
+def older_than_outbox(found: OutboxPage, query: PageQuery) -> tuple[int, int]:
+    """(high, low): the page's part that only Postgres holds, empty when high == low; a 503
+    problem if the outbox lacks changes Postgres does not hold either (Redis lost them)."""
+    high, low = query.bounds(found.seq)
+    oldest = found.rows[0].seq if found.rows else high + 1
+    if oldest - 1 > max(low, found.persisted) or len(found.rows) != high - oldest + 1:
+        log.error("audit log: the outbox lacks changes of %d..%d not in Postgres (up to %d)",
+                  low + 1, high, found.persisted)  # fmt: skip
+        raise Problem(
+            503,
+            "Service Unavailable",
+            "Some changes of this page are missing from the outbox and not yet in Postgres.",
+            type="/problems/audit-log-incomplete",
+            headers={"Retry-After": "5"},
+        )
+    return max(low, oldest - 1), low
+
+
+def outbox_entry(row: AuditRow) -> AuditEntry:
+    return AuditEntry(
+        id=row.seq,
+        timestamp=rfc3339(_EPOCH + timedelta(microseconds=row.micros)),
+        old_counter=row.old_counter,
+        new_counter=row.new_counter,
+        old_message=row.old_message,
+        new_message=row.new_message,
+        update_type=row.update_type,
+    )
+
+
+async def read_page(pool: asyncpg.Pool, high: int, low: int) -> list[AuditEntry]:
+    """Rows low < seq <= high, newest first: a range scan on the dense sequence, no OFFSET."""
+    if high <= low:
         return []
-    rows = await pool.fetch(PAGE, high, low, timeout=CATCH_UP_TIMEOUT)
+    rows = await pool.fetch(PAGE, high, low, timeout=PAGE_TIMEOUT)
     return [
         AuditEntry(
             id=row["seq"],
@@ -315,6 +370,10 @@ async def read_page(pool: asyncpg.Pool, upto: int, query: PageQuery) -> list[Aud
     ]
 
 
+# Concurrent requests for one page share a LOG_PAGE round trip made after they arrived.
+outbox_pages = web.AppKey("outbox_pages", CoalescedReads[tuple[int, int], OutboxPage])
+
+
 # A page is fixed by (watermark, page, limit): rows up to a watermark never change, so its
 # encoded answer can be shared by every request that asks for it.
 log_pages = web.AppKey("log_pages", Memo[tuple[int, int, int], bytes])
@@ -324,10 +383,13 @@ async def logs(request: web.Request) -> web.Response:
     """The audit log, newest first; includes every change acknowledged before this request."""
     query = convert_query(dict(request.query), PageQuery)
     app = request.app
-    upto = await caught_up(app[readings])
+    found = await app[outbox_pages].get((query.page, query.limit))
+    high, low = older_than_outbox(found, query)
 
     async def render() -> bytes:
-        entries = await read_page(app[pg_pool], upto, query)
-        return encode(LogsPage(entries, query.page, query.limit, upto, query.pages(upto)))
+        entries = [outbox_entry(row) for row in reversed(found.rows)]
+        entries += await read_page(app[pg_pool], high, low)
+        pages = query.pages(found.seq)
+        return encode(LogsPage(entries, query.page, query.limit, found.seq, pages))
 
-    return json_response(await app[log_pages].get((upto, query.page, query.limit), render))
+    return json_response(await app[log_pages].get((found.seq, query.page, query.limit), render))

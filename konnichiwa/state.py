@@ -217,8 +217,8 @@ async def read_snapshot(redis: Redis, keys: StateKeys) -> Snapshot:
 
 
 class Reading:
-    """One coalesced read of the state, shared by every request it serves. The /status answer is
-    made from it once, when the first of them asks (the watermark polls of /logs never do)."""
+    """One coalesced read of the state, shared by every /status request it serves; their answer
+    is encoded once, when the first of them asks."""
 
     def __init__(self, snapshot: Snapshot, read_at: float, started: float) -> None:
         self.snapshot, self.read_at, self.started = snapshot, read_at, started
@@ -239,7 +239,7 @@ async def read_state(redis: Redis, keys: StateKeys, started: float) -> Reading:
     return Reading(await read_snapshot(redis, keys), time.time(), started)
 
 
-# Every read of the state on this worker goes through one coalesced HMGET.
+# Every /status read on this worker goes through one coalesced HMGET.
 readings = web.AppKey("readings", CoalescedRead[Reading])
 
 

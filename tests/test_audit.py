@@ -13,9 +13,9 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from konnichiwa.audit import audit_backlog, persist
+from konnichiwa.audit import OUTBOX_KEPT, audit_backlog, persist, read_page
 from konnichiwa.schemas import AuditBacklog, UpdateRequest, rfc3339
-from konnichiwa.state import StateKeys, apply_update
+from konnichiwa.state import MAX_UPDATE_BATCH, StateKeys, apply_changes, apply_update
 from tests.support import FULL_AUTH, Client
 
 
@@ -217,7 +217,68 @@ async def test_a_batch_reads_only_the_rows_past_the_watermark(pool: asyncpg.Pool
     assert after["idx_scan"] > before["idx_scan"]
 
 
-async def test_entries_of_the_previous_layout_are_persisted(client: Client, redis_url: str) -> None:
+async def _postgres_entries(database_url: str, high: int) -> list[dict[str, object]]:
+    """Rows 1..high as Postgres holds them, in the answer's form, newest first."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        entries: list[dict[str, object]] = msgspec.to_builtins(await read_page(pool, high, 0))
+    finally:
+        await pool.close()
+    return entries
+
+
+async def test_pages_read_alike_from_the_outbox_and_from_postgres(
+    client: Client, redis_url: str, database_url: str
+) -> None:
+    """The newest pages come from the outbox, older ones from Postgres, some from both: every
+    entry reads the same as the row Postgres holds."""
+    keys = StateKeys("dev")
+    count = OUTBOX_KEPT + 300
+    changes = [
+        ("set" if n % 3 else "increment", str(n), str(n % 2), f"m{n}", "counter, message")
+        for n in range(1, count + 1)
+    ]
+    connection = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        for start in range(0, count, MAX_UPDATE_BATCH):
+            batch = changes[start : start + MAX_UPDATE_BATCH]
+            await apply_changes(connection.execute_command, keys, batch)
+        await _persisted(client)
+        kept = await connection.xlen(keys.audit)
+    finally:
+        await connection.aclose()
+    assert OUTBOX_KEPT <= kept < count  # so the oldest pages can only come from Postgres
+    answered: list[dict[str, object]] = []
+    for page in range(1, count // 100 + 2):
+        answered += (await _logs(client, page=page, limit=100))["logs"]  # type: ignore[arg-type]
+    assert [entry["id"] for entry in answered] == list(range(count, 0, -1))
+    assert answered == await _postgres_entries(database_url, count)
+
+
+async def test_a_page_the_outbox_lost_is_a_503(client: Client, redis_url: str) -> None:
+    """Changes neither in Postgres nor in the outbox (Redis lost them): no page with a hole."""
+    keys = StateKeys("dev")
+    connection = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await connection.hset(keys.state, mapping={"counter": "3", "seq": "3"})
+        for seq in (1, 3):
+            row = [str(seq), "1795000000000000", str(seq - 1), str(seq), "", "", "counter"]
+            await connection.xadd(keys.audit, {"row": msgspec.json.encode(row)}, id=f"{seq}-0")
+    finally:
+        await connection.aclose()
+    for params in ({}, {"page": "2", "limit": "1"}):  # pages holding change 2
+        response = await client.get("/logs", params=params)
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "5"
+        assert (await response.json())["type"] == "/problems/audit-log-incomplete"
+    for page, ids in ((1, [3]), (3, [1])):  # pages without it are whole
+        body = await _logs(client, page=page, limit=1)
+        assert [entry["id"] for entry in body["logs"]] == ids  # type: ignore[attr-defined]
+
+
+async def test_entries_of_the_previous_layout_are_persisted(
+    client: Client, redis_url: str, database_url: str
+) -> None:
     """During a rolling deploy the outbox also holds entries of seven fields, as the release
     before this one wrote them: they reach the log like any other."""
     keys = StateKeys("dev")
@@ -242,6 +303,8 @@ async def test_entries_of_the_previous_layout_are_persisted(client: Client, redi
     assert logs[1]["timestamp"] == rfc3339(  # type: ignore[index]
         datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
     )
+    await _persisted(client)
+    assert await _postgres_entries(database_url, 2) == logs
 
 
 async def test_backlog_counts_changes_not_yet_persisted(redis_url: str) -> None:
@@ -258,12 +321,19 @@ async def test_backlog_counts_changes_not_yet_persisted(redis_url: str) -> None:
     assert 0 <= backlog.oldest_age_seconds < 5
 
 
+async def _persisted(client: Client) -> dict[str, object]:
+    """The readiness answer once Postgres holds every change (the consumer runs meanwhile)."""
+    for _ in range(200):
+        body: dict[str, object] = await (await client.get("/health/ready")).json()
+        if body["audit_backlog"] == {"entries": 0, "oldest_age_seconds": 0.0}:
+            return body
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the audit log did not catch up: {body}")
+
+
 async def test_readiness_reports_the_backlog(client: Client) -> None:
     await _update(client, {"increment": 1})
-    await _logs(client)  # waits until the change is in Postgres
-    body = await (await client.get("/health/ready")).json()
-    assert body["status"] == "ready"
-    assert body["audit_backlog"] == {"entries": 0, "oldest_age_seconds": 0.0}
+    assert (await _persisted(client))["status"] == "ready"
 
 
 async def test_a_redis_that_lost_data_resumes_after_the_audit_log(
@@ -271,7 +341,7 @@ async def test_a_redis_that_lost_data_resumes_after_the_audit_log(
 ) -> None:
     for n in range(1, 4):
         await _update(client, {"counter": n * 10, "message": f"v{n}"})
-    await _logs(client)
+    await _persisted(client)
     connection = redis.asyncio.Redis.from_url(redis_url)
     await connection.flushdb()  # as if Redis came back empty
     await connection.aclose()

@@ -46,7 +46,6 @@ from konnichiwa.state import (
     AuditRow,
     StateKeys,
     read_audit_row,
-    read_snapshot,
     state_keys,
 )
 
@@ -294,14 +293,25 @@ async def audit_writer_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+# The backlog in one round trip: [changes not yet in Postgres, the oldest of them or nothing].
+BACKLOG: Final = LuaScript("""
+local held = redis.call('HMGET', KEYS[1], 'seq', 'persisted')
+local behind = tonumber(held[1] or '0') - tonumber(held[2] or '0')
+if behind <= 0 then
+  return {0, {}}
+end
+local after = string.format('%d-0', tonumber(held[2] or '0') + 1)
+return {behind, redis.call('XRANGE', KEYS[2], after, '+', 'COUNT', 1)}
+""")
+
+
 async def audit_backlog(redis: Redis, keys: StateKeys) -> AuditBacklog:
-    _, _, head, persisted = await read_snapshot(redis, keys)
-    if head <= persisted:
+    behind, oldest = await BACKLOG(redis.execute_command, (keys.state, keys.audit))
+    if behind <= 0:
         return AuditBacklog(0, 0.0)
-    oldest: Any = await redis.xrange(keys.audit, min=f"{persisted + 1}-0", count=1)
-    written = written_at(oldest[0][1]) if oldest else datetime.now(UTC)
-    age = (datetime.now(UTC) - written).total_seconds()
-    return AuditBacklog(head - persisted, round(max(age, 0.0), 3))
+    now = datetime.now(UTC)
+    written = written_at(_as_dict(oldest[0][1])) if oldest else now
+    return AuditBacklog(behind, round(max((now - written).total_seconds(), 0.0), 3))
 
 
 class OutboxPage(NamedTuple):

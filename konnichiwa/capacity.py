@@ -25,11 +25,9 @@ import psutil
 from aiohttp import web
 
 from konnichiwa import __version__
-from konnichiwa.audit import audit_backlog
 from konnichiwa.background import running
 from konnichiwa.coalesce import CoalescedRead
-from konnichiwa.errors import DEPENDENCY_ERRORS
-from konnichiwa.health import CHECK_TIMEOUT, check_dependencies
+from konnichiwa.health import check_dependencies
 from konnichiwa.postgres import pg_pool
 from konnichiwa.redis_store import redis_client
 from konnichiwa.schemas import (
@@ -75,7 +73,6 @@ from konnichiwa.scoreboard import (
     worker_slot,
 )
 from konnichiwa.settings import Settings, settings_key
-from konnichiwa.state import state_keys
 
 log = logging.getLogger("konnichiwa.capacity")
 
@@ -161,9 +158,8 @@ class Sampler:
 
     async def _sample_dependencies(self) -> DependencySample:
         app = self.app
-        checks = await check_dependencies(app)
-        redis = app[redis_client]
-        pool = redis.connection_pool
+        checks, backlog = await check_dependencies(app)
+        pool = app[redis_client].connection_pool
         # redis-py has no public pool gauges that hold across its 6-8 releases; these sets are
         # what its own `get_connection_count` reads.
         self.slot.set(REDIS_IN_USE, len(pool._in_use_connections))
@@ -171,11 +167,6 @@ class Sampler:
         postgres = app[pg_pool]
         self.slot.set(POSTGRES_IN_USE, postgres.get_size() - postgres.get_idle_size())
         self.slot.set(POSTGRES_IDLE, postgres.get_idle_size())
-        backlog = None
-        if checks["redis"].status == "up":
-            with contextlib.suppress(*DEPENDENCY_ERRORS):  # TimeoutError among them
-                async with asyncio.timeout(CHECK_TIMEOUT):
-                    backlog = await audit_backlog(redis, app[state_keys])
         return DependencySample(checks, backlog, time.time())
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
@@ -13,7 +13,7 @@ from konnichiwa.audit import audit_backlog
 from konnichiwa.errors import Problem
 from konnichiwa.postgres import pg_pool
 from konnichiwa.redis_store import redis_client
-from konnichiwa.schemas import DependencyCheck, Readiness, json_response
+from konnichiwa.schemas import AuditBacklog, DependencyCheck, Readiness, json_response
 from konnichiwa.state import state_keys
 
 # Both checks run at once, so the probe answers within about this long even if a server hangs.
@@ -22,14 +22,18 @@ CHECK_TIMEOUT: Final = 0.8
 # updates keep succeeding into the outbox while it catches up.
 DEGRADED_AFTER: Final = 10.0
 
+_T = TypeVar("_T")
+
 
 async def health(request: web.Request) -> web.Response:
     """Liveness: the process serves requests. Never calls a dependency."""
     return web.Response(text="ok")
 
 
-async def check_dependency(probe: Callable[[], Awaitable[object]]) -> DependencyCheck:
-    """Run one probe within CHECK_TIMEOUT and say how it went and how long it took.
+async def check_dependency(
+    probe: Callable[[], Awaitable[_T]],
+) -> tuple[DependencyCheck, _T | None]:
+    """Run one probe within CHECK_TIMEOUT: how it went and how long it took, and its result.
 
     The probe is not cancelled on time-out, only left behind: asyncpg shields returning a
     connection to its pool, so cancelling a query to a hung server would wait for the server.
@@ -45,29 +49,32 @@ async def check_dependency(probe: Callable[[], Awaitable[object]]) -> Dependency
         reachable = not isinstance(exc, OSError | ConnectionError)
         detail = f"{'error' if reachable else 'unreachable'} ({type(exc).__name__})"
     latency_ms = round((time.perf_counter() - started) * 1000, 3)
-    return DependencyCheck("up" if detail is None else "down", latency_ms, detail)
+    check = DependencyCheck("up" if detail is None else "down", latency_ms, detail)
+    return check, task.result() if detail is None else None
 
 
-def _forget(task: asyncio.Future[object]) -> None:
+def _forget(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
-async def check_dependencies(app: web.Application) -> dict[str, DependencyCheck]:
-    """Ask Redis and Postgres at once: each one's status and round-trip latency."""
-    redis, postgres = await asyncio.gather(
-        check_dependency(app[redis_client].ping),
+async def check_dependencies(
+    app: web.Application,
+) -> tuple[dict[str, DependencyCheck], AuditBacklog | None]:
+    """Ask Redis and Postgres at once: each one's status and round-trip latency, and the audit
+    backlog (the Redis probe reads it; None when Redis does not answer)."""
+    (redis, backlog), (postgres, _) = await asyncio.gather(
+        check_dependency(lambda: audit_backlog(app[redis_client], app[state_keys])),
         check_dependency(lambda: app[pg_pool].fetchval("SELECT 1")),
     )
-    return {"redis": redis, "postgres": postgres}
+    return {"redis": redis, "postgres": postgres}, backlog
 
 
 async def ready(request: web.Request) -> web.Response:
     """Readiness: 200 when Redis and Postgres answer, 503 naming the one that does not."""
-    app = request.app
-    checks = await check_dependencies(app)
+    checks, backlog = await check_dependencies(request.app)
     down = [f"{name}: {check.detail}" for name, check in checks.items() if check.status == "down"]
-    if down:
+    if down or backlog is None:
         raise Problem(
             503,
             "Service Unavailable",
@@ -76,6 +83,5 @@ async def ready(request: web.Request) -> web.Response:
             headers={"Retry-After": "5"},
             extensions={"checks": checks},
         )
-    backlog = await audit_backlog(app[redis_client], app[state_keys])
     degraded = backlog.oldest_age_seconds > DEGRADED_AFTER
     return json_response(Readiness("degraded" if degraded else "ready", checks, backlog))

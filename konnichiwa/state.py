@@ -201,19 +201,15 @@ updates = web.AppKey("updates", Batcher[Change, UpdateResult])
 
 
 class Snapshot(NamedTuple):
-    """The state hash at one moment: the values, the newest change, the last one persisted."""
+    """The state at one moment."""
 
     counter: int
     message: str
-    seq: int
-    persisted: int
 
 
 async def read_snapshot(redis: Redis, keys: StateKeys) -> Snapshot:
-    counter, message, seq, persisted = await redis.hmget(
-        keys.state, ["counter", "message", "seq", "persisted"]
-    )
-    return Snapshot(int(counter or 0), _text(message), int(seq or 0), int(persisted or 0))
+    counter, message = await redis.hmget(keys.state, ["counter", "message"])
+    return Snapshot(int(counter or 0), _text(message))
 
 
 class Reading:

@@ -154,7 +154,11 @@ def audit_row(fields: dict[bytes, bytes]) -> bytes:
 
 def written_at(fields: dict[bytes, bytes]) -> datetime:
     """When an outbox entry's change was made (Redis's clock, microseconds)."""
-    return _EPOCH + timedelta(microseconds=read_audit_row(audit_row(fields)).micros)
+    return _moment(read_audit_row(audit_row(fields)).micros)
+
+
+def _moment(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
 
 
 async def persist(pool: asyncpg.Pool, rows: Sequence[bytes]) -> int:
@@ -286,7 +290,7 @@ async def audit_writer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[outbox_pages] = CoalescedReads(
         lambda page: read_outbox_page(redis, keys, page), LOG_PAGES_KEPT
     )
-    writer = AuditWriter(app[redis_client], app[pg_pool], app[state_keys])
+    writer = AuditWriter(redis, app[pg_pool], keys)
     await reconcile(writer.redis, writer.pool, writer.keys)
     await writer.ensure_group()
     async with running(writer.run(), "audit-writer"):
@@ -352,7 +356,7 @@ def older_than_outbox(found: OutboxPage, query: PageQuery) -> tuple[int, int]:
 def outbox_entry(row: AuditRow) -> AuditEntry:
     return AuditEntry(
         id=row.seq,
-        timestamp=rfc3339(_EPOCH + timedelta(microseconds=row.micros)),
+        timestamp=rfc3339(_moment(row.micros)),
         old_counter=row.old_counter,
         new_counter=row.new_counter,
         old_message=row.old_message,

@@ -69,7 +69,7 @@ ROUTES: Final[tuple[Route, ...]] = (
           responses={200: UpdateResult, 409: "The increment would overflow the counter"}),
     Route("GET", "/logs", audit.logs, "Audit log of state changes, newest first", "state",
           query=PageQuery,
-          responses={200: LogsPage, 503: "The audit log could not catch up in time"}),
+          responses={200: LogsPage, 503: "Postgres (older rows) is down, or the page has a hole"}),
     Route("POST", "/user", users.create, "Register a user", "users",
           scope="write", body=NewUser,
           responses={201: User, 409: "A user with this email exists"}),

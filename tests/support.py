@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import psutil
 from aiohttp import web
@@ -63,6 +65,20 @@ async def create_database(admin_url: str, name: str) -> None:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
+
+
+async def drained_readiness(url: str, within: float) -> dict[str, object] | None:
+    """The readiness answer of the service at `url` once its audit backlog is empty (Postgres
+    holds every change; its consumers run meanwhile), or None if that took over `within` s."""
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            async with session.get(url + "/health/ready") as reply:
+                body: dict[str, object] = await reply.json() if reply.status == 200 else {}
+            if body.get("audit_backlog") == {"entries": 0, "oldest_age_seconds": 0.0}:
+                return body
+            await asyncio.sleep(0.02)
+    return None
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ from tests.support import (
     FULL_AUTH,
     FULL_KEY,
     ServiceProcess,
+    drained_readiness,
     paused,
     pid_from_file,
     running_service,
@@ -73,18 +74,6 @@ async def _logs_total(url: str, expected: int, within: float) -> int:
                         break
             await asyncio.sleep(0.2)
     return total
-
-
-async def _drained(url: str, within: float) -> bool:
-    """Whether /health/ready reports that Postgres holds every change, within `within` s."""
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            async with session.get(url + "/health/ready") as reply:
-                if reply.status == 200 and (await reply.json())["audit_backlog"]["entries"] == 0:
-                    return True
-            await asyncio.sleep(0.2)
-    return False
 
 
 def _assert_exact_chain(rows: list[asyncpg.Record], count: int) -> None:
@@ -149,7 +138,7 @@ async def test_a_consumer_killed_mid_batch_loses_and_duplicates_nothing(
     async with aiohttp.ClientSession() as session, session.get(service.url + "/status") as r:
         changes = (await r.json())["counter"]  # each change added 1
     assert await _logs_total(service.url, changes, within=30) == changes
-    assert await _drained(service.url, within=30)
+    assert await drained_readiness(service.url, within=30) is not None
     assert "claimed" in service.output  # the dead consumer's batch was taken over
     assert "while starting" not in service.output
     assert len(service.workers()) == 2
@@ -212,5 +201,5 @@ async def test_postgres_down_for_20_seconds_loses_nothing(
     assert [status for status, _ in outcomes] == [200] * len(outcomes)
     assert len(during) > 200
     assert await _logs_total(service.url, len(outcomes), within=10) == len(outcomes)
-    assert await _drained(service.url, within=10)
+    assert await drained_readiness(service.url, within=10) is not None
     _assert_exact_chain(await _audit_rows(database_url), len(outcomes))

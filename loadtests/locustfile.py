@@ -23,14 +23,14 @@ from typing import Any, TypeVar
 
 import gevent
 import msgspec
-from locust import FastHttpUser, constant_throughput, events, tag, task
+from locust import FastHttpUser, events, tag, task
 from locust.argument_parser import LocustArgumentParser
 from locust.contrib.fasthttp import ResponseContextManager
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from konnichiwa.schemas import Greeting, LogsPage, Status, UpdateResult, User, UsersPage
-from loadtests.plan import PERSONAS, parse_mix
+from loadtests.plan import PERSONAS, Pacer, parse_mix
 from loadtests.shapes import LoadProfile, add_shape_arguments
 
 __all__ = ["LoadProfile", "Operator", "Reader", "UserAdmin", "Writer"]
@@ -120,16 +120,13 @@ class Persona(FastHttpUser):
     persona = ""
 
     def on_start(self) -> None:
-        # Users start in groups (Locust spawns several at once), and constant_throughput keeps
-        # each user's phase: without a random first pause the whole group fires together every
-        # period, and the bursts queue up in Locust itself and in the service. One random pause
-        # of up to one period spreads the requests evenly over time, as independent clients are.
+        # Locust spawns users in groups: one random pause of up to a period spreads their first
+        # requests over time, as independent clients are, and the pacer keeps them spread.
+        self.pacer = Pacer(self.user_rate)
         gevent.sleep(random.uniform(0.0, 1.0 / self.user_rate))
 
     def wait_time(self) -> float:
-        # constant_throughput keeps its pacing state on the user, so a closure made per call
-        # with the rate read from the command line at run time paces exactly like the original.
-        return constant_throughput(self.user_rate)(self)
+        return self.pacer.wait(time.perf_counter())
 
     @property
     def user_rate(self) -> float:

@@ -1,21 +1,21 @@
 """What a load run does, free of Locust: the request rate over time and the persona mix.
 
 Every persona runs `--user-rate` one-request tasks a second, so a rate R needs R / user-rate users;
-a plan only decides the rate over time and Locust's pacing does the rest. (Kept apart from the
-Locust modules because importing Locust monkey-patches the interpreter with gevent.)
+a plan decides the rate over time and each user's `Pacer` when its next task starts. (Kept apart
+from the Locust modules because importing Locust monkey-patches the interpreter with gevent.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 SHAPES = ("fixed", "steps", "spike")
 # Requests per second of each simulated user. Locust times every request from its own gevent
-# loop: against a bare aiohttp app at 1,000 req/s on a 2-core machine, 100 users at 10/s added
-# p50 ~7 / p99 ~23 ms of their own (~9 / ~30 when they start in step), 50 users at 20/s p50 ~2 /
-# p99 5-8 ms. A user waits for each answer and does not make up for a slow one, so each period
-# (50 ms) must leave room for the slowest answers, or the achieved rate falls short.
+# loop, so the fewer users wake at once, the less of Locust's own time the figures hold; a user
+# waits for each answer, so its period (50 ms) must leave room for the slowest answers.
 USER_RATE = 20.0
 PERSONAS = ("reader", "writer", "operator", "admin")
 
@@ -58,3 +58,28 @@ def parse_mix(text: str) -> dict[str, int]:
             raise ValueError(f"--mix item {item!r}: expected one of {PERSONAS} = integer weight")
         weights[name] = int(weight)
     return weights
+
+
+@dataclass
+class Pacer:
+    """When one user's next task starts: `rate` tasks a second on average, on its own timeline.
+
+    Each start is planned from the previous planned start, not from when the last task ended, so
+    a late wake-up does not shift the user's later tasks, and each gap is drawn between half and
+    one and a half periods, so users that happen to fire together do not stay in step. (Locust's
+    `constant_throughput` counts from the moment the user was created: users created together
+    fire together every period, whatever their first pause, and Locust then times each of them
+    behind the others in the same turn of its loop.) A user behind its timeline makes up at most
+    one period, not the whole delay in a burst.
+    """
+
+    rate: float
+    draw: Callable[[float, float], float] = random.uniform
+    planned: float | None = field(default=None, init=False)
+
+    def wait(self, now: float) -> float:
+        """Seconds from `now` until the next task starts."""
+        period = 1.0 / self.rate
+        previous = now if self.planned is None else self.planned
+        self.planned = max(previous + self.draw(0.5 * period, 1.5 * period), now - period)
+        return max(0.0, self.planned - now)

@@ -49,8 +49,8 @@ def _arguments(parser: LocustArgumentParser) -> None:
         help="persona weights, e.g. reader=70,writer=20,operator=5,admin=5",
     )  # fmt: skip
     parser.add_argument(
-        "--steady-state-file", default="",
-        help="write the request count and duration after the last user started to this JSON file",
+        "--steady-window-file", default="",
+        help="write when every user was running and when the run stopped to this JSON file",
     )  # fmt: skip
     add_shape_arguments(parser)
 
@@ -71,46 +71,32 @@ def _select_personas(environment: Environment, **_: object) -> None:
     for user in kept:
         user.weight = weights[user.persona]
     environment.user_classes[:] = kept
-    if options.steady_state_file and not isinstance(environment.runner, WorkerRunner):
-        SteadyState(environment, Path(options.steady_state_file))
+    if options.steady_window_file and not isinstance(environment.runner, WorkerRunner):
+        SteadyWindow(Path(options.steady_window_file))
 
 
 events.init_command_line_parser.add_listener(_arguments)
 events.init.add_listener(_select_personas)
 
 
-class SteadyState:
-    """Counts requests from the moment every user runs, so a ramp-up does not dilute the rate."""
+class SteadyWindow:
+    """When every user was running and when the run stopped (wall-clock seconds, as Locust counts
+    requests per second), so a ramp-up does not dilute the rate. Only the times: in a distributed
+    run the master learns the workers' counts from reports that arrive up to seconds later."""
 
-    def __init__(self, environment: Environment, path: Path) -> None:
-        self.environment, self.path = environment, path
-        self.started: tuple[float, int, int] | None = None
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started: float | None = None
         events.spawning_complete.add_listener(self.spawned)
         events.test_stop.add_listener(self.stopped)
 
-    def _now(self) -> tuple[float, int, int]:
-        total = self.environment.stats.total
-        return time.monotonic(), total.num_requests, total.num_failures
-
     def spawned(self, **_: object) -> None:
         if self.started is None:
-            self.started = self._now()
+            self.started = time.time()
 
     def stopped(self, **_: object) -> None:
-        if self.started is None:
-            return
-        (began, requests, failures), (ended, total, failed) = self.started, self._now()
-        seconds = ended - began
-        self.path.write_text(
-            json.dumps(
-                {
-                    "seconds": seconds,
-                    "requests": total - requests,
-                    "failures": failed - failures,
-                    "requests_per_second": (total - requests) / seconds if seconds else 0.0,
-                }
-            )
-        )
+        if self.started is not None:
+            self.path.write_text(json.dumps({"start": self.started, "stop": time.time()}))
 
 
 class Persona(FastHttpUser):

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import secrets
 import subprocess
 import sys
@@ -84,8 +85,12 @@ class Outcome:
     def read(cls, prefix: Path) -> Outcome:
         with open(f"{prefix}_stats.csv", newline="") as stats:
             rows = [EndpointStats.from_row(row) for row in csv.DictReader(stats)]
-        steady = json.loads(Path(f"{prefix}_steady.json").read_text())
-        return cls(tuple(rows[:-1]), rows[-1], float(steady["requests_per_second"]))
+        window = json.loads(Path(f"{prefix}_window.json").read_text())
+        entries = json.loads(Path(f"{prefix}.json").read_text())
+        per_second = [entry["num_reqs_per_sec"] for entry in entries]
+        return cls(
+            tuple(rows[:-1]), rows[-1], rate_between(per_second, window["start"], window["stop"])
+        )
 
     def misses(self, objectives: Objectives) -> list[str]:
         """Every objective the run missed, in words; empty when the SLO holds."""
@@ -120,6 +125,14 @@ class Outcome:
             )
         lines.append(f"steady-state throughput: {self.steady_rate:.1f} req/s")
         return "\n".join(lines)
+
+
+def rate_between(per_second: Sequence[dict[str, int]], start: float, stop: float) -> float:
+    """Requests a second over the whole seconds between `start` and `stop`, from Locust's final
+    per-second counts (one dict per endpoint, keyed by the wall-clock second)."""
+    seconds = range(math.ceil(start), math.floor(stop))
+    requests = sum(counts.get(str(second), 0) for counts in per_second for second in seconds)
+    return requests / len(seconds) if seconds else 0.0
 
 
 # Cumulative request counts per latency bucket (upper bound in seconds), by route.
@@ -197,7 +210,8 @@ def locust_command(
         "--rate", str(options.rate), "--user-rate", str(options.user_rate),
         "--mix", options.mix, "--run-time", f"{options.run_time}s", "--stop-timeout", "5",
         "--csv", str(prefix), "--html", f"{prefix}.html",
-        "--steady-state-file", f"{prefix}_steady.json", "--loglevel", "WARNING", "--only-summary",
+        "--json-file", str(prefix), "--steady-window-file", f"{prefix}_window.json",
+        "--loglevel", "WARNING", "--only-summary",
         *extra,
     ]  # fmt: skip
 
@@ -258,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = ServiceLatency.scrape(host, api_key)
         run = subprocess.run(locust_command(host, api_key, prefix, options, extra), check=False)
         after = ServiceLatency.scrape(host, api_key)
-    if not Path(f"{prefix}_steady.json").is_file():
+    if not Path(f"{prefix}_window.json").is_file():
         print(f"slo: the Locust run produced no results (exit {run.returncode})", file=sys.stderr)
         return 2
     outcome = Outcome.read(prefix)

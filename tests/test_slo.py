@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from loadtests.slo import EndpointStats, Objectives, Outcome, ServiceLatency
+from loadtests.slo import EndpointStats, Objectives, Outcome, ServiceLatency, rate_between
 from tests.support import free_port
 
 ROOT = Path(__file__).parents[1]
@@ -38,6 +38,15 @@ def test_misses(changes: dict[str, Any], steady_rate: float, missed: list[str]) 
         assert text.startswith(expected)
 
 
+def test_rate_between_counts_whole_seconds_of_every_endpoint() -> None:
+    status = {"99": 500, "100": 400, "101": 410, "102": 420, "103": 90}
+    update = {"99": 100, "100": 100, "101": 100, "102": 110, "104": 5}
+    # Spawning ended at 99.4 and the stop came at 103.2: seconds 100-102 are whole.
+    assert rate_between([status, update], 99.4, 103.2) == pytest.approx(1540 / 3)
+    assert rate_between([status], 100.0, 101.0) == 400
+    assert rate_between([status], 100.2, 100.9) == 0.0
+
+
 def test_service_latency_counts_only_the_run_and_reads_bucket_bounds() -> None:
     inf = float("inf")
     before = ServiceLatency({"GET /status": {0.001: 50, 0.002: 50, 0.01: 50, inf: 50}})
@@ -59,9 +68,19 @@ def test_service_latency_is_none_when_metrics_cannot_be_read() -> None:
     assert ServiceLatency.scrape(f"http://127.0.0.1:{free_port()}", "any-key") is None
 
 
-def test_slo_run_passes_on_the_embedded_stack(server_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "locust_options",
+    [
+        pytest.param([], id="one-process"),
+        pytest.param(["--", "--processes", "2"], id="distributed"),
+    ],
+)
+def test_slo_run_passes_on_the_embedded_stack(server_dir: Path, locust_options: list[str]) -> None:
+    # Distributed, the master learns the workers' counts from their reports, which arrive up to
+    # seconds later than the requests: the steady-state rate must still count every request.
     run = subprocess.run(
-        [sys.executable, "-m", "loadtests.slo", "--run-time", "10", "--results", str(server_dir)],
+        [sys.executable, "-m", "loadtests.slo", "--run-time", "10", "--results", str(server_dir),
+         *locust_options],
         cwd=ROOT, capture_output=True, text=True, timeout=170, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr

@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -73,6 +73,20 @@ class EndpointStats:
         )  # fmt: skip
 
 
+class RunFiles(NamedTuple):
+    """The files of a Locust run that the verdict reads, under one prefix."""
+
+    stats: Path  # per-endpoint rows (--csv)
+    statistics: Path  # final statistics with per-second counts (--json-file)
+    window: Path  # when every user ran and when the run stopped (--steady-window-file)
+
+    @classmethod
+    def at(cls, prefix: Path) -> RunFiles:
+        return cls(
+            Path(f"{prefix}_stats.csv"), Path(f"{prefix}.json"), Path(f"{prefix}_window.json")
+        )
+
+
 @dataclass(frozen=True)
 class Outcome:
     """A finished run: per-endpoint rows, the aggregate, and the steady-state rate."""
@@ -83,10 +97,11 @@ class Outcome:
 
     @classmethod
     def read(cls, prefix: Path) -> Outcome:
-        with open(f"{prefix}_stats.csv", newline="") as stats:
+        files = RunFiles.at(prefix)
+        with files.stats.open(newline="") as stats:
             rows = [EndpointStats.from_row(row) for row in csv.DictReader(stats)]
-        window = json.loads(Path(f"{prefix}_window.json").read_text())
-        entries = json.loads(Path(f"{prefix}.json").read_text())
+        window = json.loads(files.window.read_text())
+        entries = json.loads(files.statistics.read_text())
         per_second = [entry["num_reqs_per_sec"] for entry in entries]
         return cls(
             tuple(rows[:-1]), rows[-1], rate_between(per_second, window["start"], window["stop"])
@@ -210,7 +225,7 @@ def locust_command(
         "--rate", str(options.rate), "--user-rate", str(options.user_rate),
         "--mix", options.mix, "--run-time", f"{options.run_time}s", "--stop-timeout", "5",
         "--csv", str(prefix), "--html", f"{prefix}.html",
-        "--json-file", str(prefix), "--steady-window-file", f"{prefix}_window.json",
+        "--json-file", str(prefix), "--steady-window-file", str(RunFiles.at(prefix).window),
         "--loglevel", "WARNING", "--only-summary",
         *extra,
     ]  # fmt: skip
@@ -272,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = ServiceLatency.scrape(host, api_key)
         run = subprocess.run(locust_command(host, api_key, prefix, options, extra), check=False)
         after = ServiceLatency.scrape(host, api_key)
-    if not Path(f"{prefix}_window.json").is_file():
+    if not all(path.is_file() for path in RunFiles.at(prefix)):
         print(f"slo: the Locust run produced no results (exit {run.returncode})", file=sys.stderr)
         return 2
     outcome = Outcome.read(prefix)

@@ -11,10 +11,12 @@ import argparse
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from http.client import HTTPMessage
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import IO, Final, NamedTuple
 
 import msgspec
 from dotenv import dotenv_values
@@ -53,6 +55,24 @@ class Unknown(Exception):
     """The service could not be asked, or did not answer with an /inspect document."""
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would resend the Authorization header to wherever a redirect points."""
+
+    def redirect_request(  # noqa: PLR0917  (urllib's signature)
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_opener = urllib.request.build_opener(_RefuseRedirects)
+
+
 def percent(raw: str) -> float:
     value = float(raw)
     if not 0 <= value <= 100:
@@ -88,18 +108,25 @@ def connection(environ: Mapping[str, str], env_file: Path = Path(".env")) -> tup
     key = values.get("API_KEY")
     if not key:
         raise Unknown("API_KEY is not set (in the environment or .env)")
-    return values.get("API_URL", DEFAULT_URL).rstrip("/"), key
+    url = values.get("API_URL", DEFAULT_URL).rstrip("/")
+    # urllib also opens file: and ftp: URLs; the key goes to an HTTP service or nowhere.
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise Unknown(f"API_URL must be an http:// or https:// URL, not {url!r}")
+    return url, key
 
 
 def fetch(url: str, key: str, timeout: float) -> Inspection:
-    request = urllib.request.Request(  # noqa: S310  (the operator's own URL)
+    request = urllib.request.Request(  # noqa: S310  (connection() admits only http and https)
         url + "/inspect", headers={"Authorization": f"Bearer {key}"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with _opener.open(request, timeout=timeout) as response:
             return _decode(response.read())
     except urllib.error.HTTPError as error:
-        raise Unknown(f"{url}/inspect answered {error.code} {error.reason}") from None
+        answer = f"{url}/inspect answered {error.code} {error.reason}"
+        if 300 <= error.code < 400:
+            answer += f", a redirect to {error.headers.get('Location')}: not followed with the key"
+        raise Unknown(answer) from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise Unknown(f"cannot reach {url}: {reason}") from None

@@ -9,7 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import msgspec
@@ -117,6 +121,63 @@ def test_unknown_when_the_service_cannot_be_asked(
     assert result.returncode == 3, result.stdout + result.stderr
     assert result.stdout.startswith("KONNICHIWA UNKNOWN - ")
     assert says in result.stdout
+
+
+@contextmanager
+def recording_server(status: HTTPStatus, location: str = "") -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on a free local port that answers every GET with `status` (and
+    `location`), and records the Authorization header of each request it receives."""
+    received: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            received.append(self.headers.get("Authorization", ""))
+            self.send_response(status)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Quiet: the test reads `received`, not stderr."""
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}", received
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+@pytest.mark.parametrize(
+    "status",
+    [HTTPStatus.MOVED_PERMANENTLY, HTTPStatus.FOUND, HTTPStatus.SEE_OTHER,
+     HTTPStatus.TEMPORARY_REDIRECT, HTTPStatus.PERMANENT_REDIRECT],
+    ids=lambda status: str(status.value),
+)  # fmt: skip
+def test_a_redirect_is_unknown_and_the_key_stays_home(tmp_path: Path, status: HTTPStatus) -> None:
+    with (
+        recording_server(HTTPStatus.OK) as (elsewhere, received_elsewhere),
+        recording_server(status, elsewhere + "/inspect") as (url, received),
+    ):
+        result = monitor(*OK_LEVELS, cwd=tmp_path, API_URL=url, API_KEY=FULL_KEY)
+    assert received == [f"Bearer {FULL_KEY}"]
+    assert received_elsewhere == [], "the redirect was followed"
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout == (
+        f"KONNICHIWA UNKNOWN - {url}/inspect answered {status.value} {status.phrase}, "
+        f"a redirect to {elsewhere}/inspect: not followed with the key\n"
+    )
+
+
+@pytest.mark.parametrize("url", ["file:///etc", "ftp://127.0.0.1", "localhost:4000"])
+def test_unknown_for_a_url_that_is_not_http(tmp_path: Path, url: str) -> None:
+    result = monitor(*OK_LEVELS, cwd=tmp_path, API_URL=url, API_KEY=FULL_KEY)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout == (
+        f"KONNICHIWA UNKNOWN - API_URL must be an http:// or https:// URL, not {url!r}\n"
+    )
 
 
 def test_unknown_once_the_service_stops(tmp_path: Path, redis_url: str, database_url: str) -> None:

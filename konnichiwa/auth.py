@@ -7,7 +7,8 @@ import hmac
 from collections.abc import Iterable
 from typing import Final, Literal, get_args
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import istr
 
 from konnichiwa.errors import Problem
 
@@ -86,6 +87,7 @@ class KeyRing:
         return found
 
 
+_KEY_HEADERS: Final = (istr("X-API-Key"), istr("API-Key"))
 keyring = web.AppKey("keyring", KeyRing)
 api_key = web.RequestKey("api_key", ApiKey)  # the key a protected request was admitted with
 
@@ -99,14 +101,20 @@ UNAUTHORIZED: Final = Problem(
 
 
 def presented_key(request: web.Request) -> str | None:
-    """The key a request carries in any of the three accepted headers (never the query string)."""
+    """The one key a request carries in the three accepted headers (never the query string).
+
+    None when it carries none, or carries anything ambiguous: keys that differ, an empty one, or
+    credentials of another scheme (`Authorization: Basic ...`) beside a key. The same key sent
+    twice (say as both `Authorization: Bearer` and `X-API-Key`) is unambiguous and passes.
+    """
     headers = request.headers
-    authorization = headers.get("Authorization")
-    if authorization is not None:
-        scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip()
-    return headers.get("X-API-Key") or headers.get("API-Key")
+    presented = {value.strip() for name in _KEY_HEADERS for value in headers.getall(name, ())}
+    for authorization in headers.getall(hdrs.AUTHORIZATION, ()):
+        scheme, _, credentials = authorization.strip().partition(" ")
+        presented.add(credentials.strip() if scheme.lower() == "bearer" else "")
+    if len(presented) != 1:
+        return None
+    return presented.pop() or None
 
 
 def authorize(request: web.Request, scope: Scope) -> ApiKey:
@@ -121,4 +129,6 @@ def authorize(request: web.Request, scope: Scope) -> ApiKey:
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+    # aiohttp decodes header bytes that are not UTF-8 to lone surrogates; "surrogatepass" encodes
+    # any str, and no valid key's UTF-8 can contain the bytes it gives them.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()

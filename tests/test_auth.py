@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
@@ -40,21 +42,31 @@ async def test_accepted_headers(guarded_client: Client, headers: dict[str, str])
     assert await response.text() == "inside"
 
 
+Headers = list[tuple[str, str]]
+
+
 @pytest.mark.parametrize(
     ("headers", "params"),
     [
-        ({}, {}),
-        ({"Authorization": "Bearer wrong-key-0123456789"}, {}),
-        ({"Authorization": f"Basic {FULL_KEY}"}, {}),
-        ({"Authorization": "Bearer "}, {}),
-        ({"X-API-Key": FULL_KEY[:-1]}, {}),
-        ({"API-Key": ""}, {}),
-        ({}, {"api_key": FULL_KEY}),
-        ({}, {"apikey": FULL_KEY}),
+        ([], {}),
+        ([("Authorization", "Bearer wrong-key-0123456789")], {}),
+        ([("Authorization", f"Basic {FULL_KEY}")], {}),
+        ([("Authorization", "Bearer ")], {}),
+        ([("X-API-Key", FULL_KEY[:-1])], {}),
+        ([("API-Key", "")], {}),
+        ([], {"api_key": FULL_KEY}),
+        ([], {"apikey": FULL_KEY}),
+        # Conflicting credentials: a valid key beside anything else is ambiguous.
+        ([("X-API-Key", FULL_KEY), ("API-Key", "wrong-key-0123456789")], {}),
+        ([("X-API-Key", FULL_KEY), ("Authorization", "Basic dXNlcjpwYXNz")], {}),
+        ([("Authorization", f"Bearer {FULL_KEY}"), ("X-API-Key", READ_KEY)], {}),
+        ([("X-API-Key", FULL_KEY), ("X-API-Key", READ_KEY)], {}),
+        ([("API-Key", FULL_KEY), ("API-Key", "")], {}),
+        ([("Authorization", f"Bearer {FULL_KEY}"), ("Authorization", f"Bearer {READ_KEY}")], {}),
     ],
 )
 async def test_every_failure_gets_the_same_401(
-    guarded_client: Client, headers: dict[str, str], params: dict[str, str]
+    guarded_client: Client, headers: Headers, params: dict[str, str]
 ) -> None:
     reference = await guarded_client.post("/guarded")
     response = await guarded_client.post("/guarded", headers=headers, params=params)
@@ -62,6 +74,57 @@ async def test_every_failure_gets_the_same_401(
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert response.content_type == "application/problem+json"
     assert await response.read() == await reference.read()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("X-API-Key", FULL_KEY), ("X-API-Key", FULL_KEY)],
+        [("Authorization", f"Bearer {FULL_KEY}"), ("X-API-Key", FULL_KEY), ("API-Key", FULL_KEY)],
+    ],
+)
+async def test_the_same_key_twice_is_not_a_conflict(
+    guarded_client: Client, headers: Headers
+) -> None:
+    response = await guarded_client.post("/guarded", headers=headers)
+    assert response.status == 200
+
+
+async def _raw_post(client: Client, header: bytes) -> tuple[bytes, bytes]:
+    """(status line, body) of a POST /guarded carrying one header line exactly as given: bytes
+    no HTTP client library would send."""
+    assert client.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(
+        b"POST /guarded HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n"
+        + header
+        + b"\r\n\r\n"
+    )
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], body
+
+
+@pytest.mark.parametrize("name", [b"Authorization: Bearer ", b"X-API-Key: ", b"API-Key: "])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"\xff",
+        FULL_KEY.encode() + b"\xff",
+        b"\xed\xa0\x80" + FULL_KEY.encode(),  # UTF-8 of a surrogate: never valid text
+        b"\xc3\xa9" * 20,  # valid UTF-8, not a key
+        bytes(range(0x80, 0x100)),
+    ],  # (control bytes never get this far: the HTTP parser refuses them with a 400)
+)
+async def test_any_byte_in_a_key_header_is_a_401(
+    guarded_client: Client, name: bytes, value: bytes
+) -> None:
+    reference = await guarded_client.post("/guarded")
+    status_line, body = await _raw_post(guarded_client, name + value)
+    assert status_line == b"HTTP/1.1 401 Unauthorized"
+    assert body == await reference.read()
 
 
 async def test_key_without_the_scope_gets_403(guarded_client: Client) -> None:

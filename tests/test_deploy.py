@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import platform
 import re
 import shutil
@@ -20,6 +21,7 @@ from hcl2.api import loads as parse_hcl
 
 from konnichiwa.routes import ROUTES
 from konnichiwa.settings import VARIABLES, Settings
+from tests.support import free_port, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -527,10 +529,92 @@ def test_load_test_image_runs_the_locustfile() -> None:
         "proxy_set_header X-Request-ID $konnichiwa_request_id;",
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         "proxy_set_header X-Forwarded-Proto $scheme;",
+        "limit_req_zone $konnichiwa_limited_client zone=konnichiwa_requests:10m rate=500r/s;",
+        "limit_req zone=konnichiwa_requests burst=1000 nodelay;",
+        "limit_req_status 429;",
+        "limit_conn_zone $konnichiwa_limited_client zone=konnichiwa_connections:10m;",
+        "limit_conn konnichiwa_connections 100;",
+        "limit_conn_status 429;",
     ],
 )
 def test_nginx_directive(directive: str) -> None:
     assert directive in nginx_conf()
+
+
+def test_nginx_limits_each_client_address_but_not_the_health_checks() -> None:
+    (body,) = re.findall(r"map \$uri \$konnichiwa_limited_client \{([^}]*)\}", nginx_conf())
+    keys = dict(re.findall(r"^\s*(\S+)\s+(\S+);", body, re.MULTILINE))
+    # nginx counts no request whose key is empty.
+    assert keys == {LIVENESS: '""', READINESS: '""', "default": "$binary_remote_addr"}
+
+
+@pytest.fixture(scope="session")
+def nginx() -> Path:
+    """Debian's nginx, installed on first use (the test set-up runs as root on CI)."""
+    path = os.pathsep.join((os.environ.get("PATH", os.defpath), "/usr/sbin"))
+    found = shutil.which("nginx", path=path)
+    if found is None:
+        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=environment)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx"],
+            check=True,
+            env=environment,
+        )
+        found = shutil.which("nginx", path=path)
+    assert found is not None, "nginx could not be installed"
+    return Path(found)
+
+
+def nginx_prefix(directory: Path, port: int, **replacements: str) -> list[str]:
+    """nginx's options to run deploy/nginx's config from `directory`, listening on `port`, with
+    each `replacements` key replaced once; nginx itself answers 200 for the service (compose's
+    `api` host does not resolve here)."""
+    upstream = free_port()
+    text = nginx_conf()
+    for old, new in {
+        "listen 8080;": f"listen 127.0.0.1:{port};",
+        f"server api:{PORT};": f"server 127.0.0.1:{upstream};",
+        **replacements,
+    }.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    (directory / "konnichiwa.conf").write_text(text)
+    (directory / "nginx.conf").write_text(
+        f"pid {directory}/nginx.pid;\n"
+        "events {}\n"
+        "http {\n"
+        "    access_log off;\n"
+        f'    server {{ listen 127.0.0.1:{upstream}; return 200 "ok"; }}\n'
+        f"    include {directory}/konnichiwa.conf;\n"
+        "}\n"
+    )
+    # A log file, not stderr: the daemon would hold the caller's pipe open.
+    error_log = str(directory / "error.log")
+    return ["-p", str(directory), "-c", str(directory / "nginx.conf"), "-e", error_log]
+
+
+def test_nginx_accepts_the_config(nginx: Path, tmp_path: Path) -> None:
+    result = run(nginx, "-t", *nginx_prefix(tmp_path, free_port()))
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_nginx_answers_429_past_the_burst_but_never_to_health_checks(
+    nginx: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    # A rate nothing refills within the test and a burst of 2: the third request is the last.
+    options = nginx_prefix(tmp_path, port, **{"rate=500r/s": "rate=1r/m", "burst=1000": "burst=2"})
+    started = run(nginx, *options)  # returns once the daemon listens
+    assert started.returncode == 0, started.stderr
+    try:
+        front = f"http://127.0.0.1:{port}"
+        assert [http_get(front + "/status")[0] for _ in range(5)] == [200, 200, 200, 429, 429]
+        assert [http_get(front + path)[0] for path in (LIVENESS, READINESS) * 5] == [200] * 10
+        assert http_get(front + "/")[0] == 429, "another path, the same client: still limited"
+    finally:
+        run(nginx, *options, "-s", "stop")
 
 
 def terraform_variables(directory: Path) -> Iterator[tuple[str, dict[str, Any]]]:

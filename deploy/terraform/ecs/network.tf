@@ -1,5 +1,19 @@
+# Zones by ID, not "every zone available": a zone AWS adds later must not move the subnets, and
+# zone IDs name the same zones in every account (zone names are shuffled per account).
 data "aws_availability_zones" "available" {
   state = "available"
+
+  filter {
+    name   = "zone-id"
+    values = var.availability_zone_ids
+  }
+
+  lifecycle {
+    postcondition {
+      condition     = length(self.names) == length(var.availability_zone_ids)
+      error_message = "availability_zone_ids must all be available zones of var.region."
+    }
+  }
 }
 
 data "aws_caller_identity" "current" {}
@@ -8,7 +22,7 @@ data "aws_partition" "current" {}
 
 locals {
   name = "konnichiwa-${var.environment}"
-  azs  = slice(data.aws_availability_zones.available.names, 0, 3)
+  azs  = data.aws_availability_zones.available.names
 }
 
 resource "aws_vpc" "main" {

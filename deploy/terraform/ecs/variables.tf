@@ -31,6 +31,17 @@ variable "vpc_cidr" {
   }
 }
 
+variable "availability_zone_ids" {
+  type        = list(string)
+  description = "The 3 zone IDs (not names) the subnets use; set them with region. Tokyo's default leaves out apne1-az3, closed to new subnets in most accounts."
+  default     = ["apne1-az1", "apne1-az2", "apne1-az4"]
+
+  validation {
+    condition     = length(distinct(var.availability_zone_ids)) == 3 && alltrue([for id in var.availability_zone_ids : can(regex("^[a-z]+[0-9]+-az[0-9]+$", id))])
+    error_message = "availability_zone_ids must be 3 distinct zone IDs such as apne1-az1."
+  }
+}
+
 variable "domain_name" {
   type        = string
   description = "Host name the ALB serves (a DNS record pointing at the ALB is yours to create)."

@@ -401,6 +401,23 @@ def test_ingress_checks_readiness_and_reaches_both_roles() -> None:
     assert backends == [{"name": f"konnichiwa-{role}", "port": {"name": "http"}} for role in ROLES]
 
 
+def test_ingress_alb_takes_the_terraform_web_acl() -> None:
+    (ingress,) = kubernetes_objects(KUBERNETES / "ingress.yaml")
+    arn = ingress["metadata"]["annotations"]["alb.ingress.kubernetes.io/wafv2-acl-arn"]
+    variables = dict(terraform_variables(ECS))
+    region, environment = variables["region"]["default"], variables["environment"]["default"]
+    assert re.fullmatch(
+        rf"arn:aws:wafv2:{region}:\d{{12}}:regional/webacl/konnichiwa-{environment}/[\w-]+", arn
+    )
+    outputs = {
+        name: unwrap(body)
+        for parsed in terraform_module(ECS)
+        for block in parsed.get("output", [])
+        for name, body in block.items()
+    }
+    assert outputs["waf_web_acl_arn"]["value"] == "${aws_wafv2_web_acl.main.arn}"
+
+
 def test_nginx_proxies_to_the_service_port() -> None:
     assert re.search(rf"upstream konnichiwa_api \{{\s*server api:{PORT};", nginx_conf())
 
@@ -640,6 +657,27 @@ def test_terraform_variables_are_typed_described_and_validated(module: str) -> N
     given = set(re.findall(r"^(\w+)\s*=", example, re.MULTILINE))
     required = {name for name, body in variables.items() if "default" not in body}
     assert required <= given <= set(variables)
+
+
+def test_waf_limits_each_client_address_in_front_of_the_alb() -> None:
+    acl = terraform_blocks(ECS, "resource", "aws_wafv2_web_acl")["main"]
+    assert (acl["scope"], acl["default_action"]) == ("REGIONAL", {"allow": {}})
+    rule = acl["rule"]
+    assert rule["action"]["block"]["custom_response"]["response_code"] == 429
+    rate = rule["statement"]["rate_based_statement"]
+    assert rate["aggregate_key_type"] == "IP"
+    assert (rate["limit"], rate["evaluation_window_sec"]) == ("${var.waf_requests_per_minute}", 60)
+    # The scope-down statement counts every request but those this pattern matches.
+    uncounted = rate["scope_down_statement"]["not_statement"]["statement"]["regex_match_statement"]
+    assert uncounted["field_to_match"] == {"uri_path": {}}
+    matched = [p for p in (LIVENESS, READINESS, "/", "/status", "/healthz", "/health/x")
+               if re.search(uncounted["regex_string"], p)]  # fmt: skip
+    assert matched == [LIVENESS, READINESS]
+    (association,) = terraform_blocks(ECS, "resource", "aws_wafv2_web_acl_association").values()
+    assert association["resource_arn"] == "${aws_lb.main.arn}"
+    assert association["web_acl_arn"] == "${aws_wafv2_web_acl.main.arn}"
+    variables = dict(terraform_variables(ECS))
+    assert variables["waf_requests_per_minute"]["default"] == 12000  # 200 r/s, coarse
 
 
 def test_subnets_take_zones_pinned_by_id() -> None:

@@ -13,6 +13,11 @@ output "load_balancer_dns_name" {
   value       = aws_lb.main.dns_name
 }
 
+output "waf_web_acl_arn" {
+  description = "The rate-limiting web ACL; deploy/kubernetes's ingress attaches its ALB to it too."
+  value       = aws_wafv2_web_acl.main.arn
+}
+
 output "ecr_repository_url" {
   description = "Where CI pushes the image."
   value       = aws_ecr_repository.service.repository_url

@@ -214,3 +214,14 @@ variable "eks_oidc_provider_arn" {
     error_message = "eks_oidc_provider_arn must be empty or an IAM OIDC provider ARN."
   }
 }
+
+variable "waf_requests_per_minute" {
+  type        = number
+  description = "Requests one client address may send in a minute before WAF answers it 429 for a while (coarse: the service sets the quotas per key)."
+  default     = 12000
+
+  validation {
+    condition     = var.waf_requests_per_minute >= 1000 && var.waf_requests_per_minute <= 2000000000 && floor(var.waf_requests_per_minute) == var.waf_requests_per_minute
+    error_message = "waf_requests_per_minute must be a whole number from 1000 to 2000000000."
+  }
+}

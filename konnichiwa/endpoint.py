@@ -25,6 +25,7 @@ from konnichiwa.errors import (
     internal_error,
     unavailable,
 )
+from konnichiwa.protocol import NOSNIFF, SLOW_BODY, SlowBody
 from konnichiwa.scoreboard import WorkerSlot
 
 log = logging.getLogger("konnichiwa")
@@ -50,9 +51,7 @@ def endpoint(handler: Handler, slot: WorkerSlot, route: int, scope: Scope | None
             except Problem as problem:
                 response = problem.response()
             except DEPENDENCY_ERRORS as exc:
-                log.warning("dependency failure on %s %s [%s]: %r", request.method, request.path,
-                            rid, exc)  # fmt: skip
-                response = unavailable()
+                response = _failure(request, exc, rid)
             except web.HTTPException as exc:
                 if exc.status < 400:  # a redirect: aiohttp sends it as it is
                     exc.headers[REQUEST_ID_HEADER] = rid
@@ -62,7 +61,9 @@ def endpoint(handler: Handler, slot: WorkerSlot, route: int, scope: Scope | None
             except Exception:
                 log.exception("unhandled error on %s %s [%s]", request.method, request.path, rid)
                 response = internal_error()
-            response.headers[REQUEST_ID_HEADER] = rid
+            headers = response.headers
+            headers[REQUEST_ID_HEADER] = rid
+            headers[NOSNIFF] = "nosniff"
             status = response.status
             return response
         except asyncio.CancelledError:
@@ -73,6 +74,17 @@ def endpoint(handler: Handler, slot: WorkerSlot, route: int, scope: Scope | None
 
     answer.__doc__ = handler.__doc__
     return answer
+
+
+def _failure(request: web.Request, exc: BaseException, rid: str) -> web.Response:
+    """What a failed read or call means: a body too slow (408), a client that went away (499,
+    nothing can be sent), or else a dependency that failed (503)."""
+    if isinstance(exc, SlowBody):
+        return SLOW_BODY.response()
+    if request.transport is None:
+        return web.Response(status=499)  # nginx's name for it; aiohttp's write of it is dropped
+    log.warning("dependency failure on %s %s [%s]: %r", request.method, request.path, rid, exc)
+    return unavailable()
 
 
 async def no_route(request: web.Request) -> web.StreamResponse:

@@ -136,10 +136,10 @@ def assign_request_id(request: web.Request) -> str:
     """The request's ID: the client's X-Request-ID when it is sane, else a fresh one; log lines
     written while answering it carry it."""
     sent = request.headers.get(REQUEST_ID_HEADER)
-    rid = (
-        sent
-        if sent is not None and _SANE_REQUEST_ID.fullmatch(sent)
-        else f"{_ID_PREFIX}{next(_id_numbers)}"
-    )
+    rid = sent if sent is not None and _SANE_REQUEST_ID.fullmatch(sent) else new_request_id()
     request_id.set(rid)
     return rid
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_numbers)}"

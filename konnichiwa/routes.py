@@ -126,4 +126,5 @@ def setup_routes(app: web.Application, role: ServiceName) -> None:
             app.router.add_get(route.path, handler)  # answers HEAD too
         else:
             app.router.add_route(route.method, route.path, handler)
-    app.router.add_route("*", "/{path:.*}", endpoint(no_route, slot, len(routes)))
+    # [\s\S], not `.`: a path with a newline (%0a) is a 404 of ours too.
+    app.router.add_route("*", r"/{path:[\s\S]*}", endpoint(no_route, slot, len(routes)))

@@ -32,6 +32,7 @@ from aiohttp.log import access_logger
 
 from konnichiwa.app import counted_routes, create_app
 from konnichiwa.logs import configure_logging
+from konnichiwa.protocol import ConnectionPolicy, GuardedAppRunner
 from konnichiwa.scoreboard import Scoreboard, ScoreboardFile
 from konnichiwa.settings import Settings
 
@@ -90,11 +91,11 @@ def run_worker(
 
 async def _serve(settings: Settings, ready: Event, board: Scoreboard, slot: int) -> bool:
     """Serve until a signal; whether it was the one saying the supervisor died."""
-    runner = web.AppRunner(
+    runner = GuardedAppRunner(
         create_app(settings, board, slot),
+        ConnectionPolicy.for_worker(settings),
         access_log=access_logger if settings.access_log else None,
         shutdown_timeout=DRAIN_SECONDS,
-        handle_signals=False,
     )
     await runner.setup()  # runs the cleanup contexts: Redis PING, Postgres migrations
     # Everything start-up made (modules, AWS service models, the app) lives as long as the worker:

@@ -25,6 +25,7 @@ VARIABLES: Final = (
     "ACCESS_LOG", "API_KEY", "API_KEYS", "API_KEY_SECRET_ID", "REDIS_URL", "DATABASE_URL",
     "AWS_REGION", "AWS_ENDPOINT_URL", "SSM_PREFIX", "KONNICHIWA_STATE_DIR", "MAX_BODY_BYTES",
     "CONFIG_CACHE_SECONDS", "CONFIG_STALE_SECONDS", "API_KEY_REFRESH_SECONDS",
+    "HEADER_TIMEOUT_SECONDS", "BODY_TIMEOUT_SECONDS", "KEEPALIVE_SECONDS", "MAX_CONNECTIONS",
 )  # fmt: skip
 # The AWS SDK's own variables: any of them set in dev means "use AWS", not the embedded emulator.
 AWS_SDK_VARIABLES: Final = (
@@ -69,6 +70,12 @@ class Settings:
     api_key_refresh_seconds: int = 300
     state_dir: Path = Path(".konnichiwa")
     max_body_bytes: int = 64 * 1024
+    # Slow clients: a request's headers, then its body, must arrive within these; an idle
+    # keep-alive connection closes after KEEPALIVE_SECONDS (above an ALB's 60 s idle timeout).
+    header_timeout_seconds: int = 10
+    body_timeout_seconds: int = 30
+    keepalive_seconds: int = 75
+    max_connections: int = 1000  # per worker, and always below its file descriptor limit
 
     @property
     def embedded(self) -> bool:
@@ -130,6 +137,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         api_key_refresh_seconds=_integer(get, "API_KEY_REFRESH_SECONDS", 1, 86400) or 300,
         state_dir=Path(get("KONNICHIWA_STATE_DIR") or ".konnichiwa"),
         max_body_bytes=_integer(get, "MAX_BODY_BYTES", 1024, 16 * 1024 * 1024) or 64 * 1024,
+        header_timeout_seconds=_integer(get, "HEADER_TIMEOUT_SECONDS", 1, 300) or 10,
+        body_timeout_seconds=_integer(get, "BODY_TIMEOUT_SECONDS", 1, 3600) or 30,
+        keepalive_seconds=_integer(get, "KEEPALIVE_SECONDS", 1, 3600) or 75,
+        max_connections=_integer(get, "MAX_CONNECTIONS", 16, 1_000_000) or 1000,
     )
     if environment != "dev":
         for name, value in (

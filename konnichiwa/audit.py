@@ -395,7 +395,7 @@ log_pages = web.AppKey("log_pages", Memo[tuple[int, int, int], bytes])
 
 async def logs(request: web.Request) -> web.Response:
     """The audit log, newest first; includes every change acknowledged before this request."""
-    query = convert_query(dict(request.query), PageQuery)
+    query = convert_query(request.query, PageQuery)
     app = request.app
     found = await app[outbox_pages].get((query.page, query.limit))
     high, low = older_than_outbox(found, query)

@@ -21,6 +21,7 @@ from konnichiwa.aws import AwsUnavailable, aws_errors, s3_client, ssm_client
 from konnichiwa.coalesce import TtlCache
 from konnichiwa.errors import Problem
 from konnichiwa.schemas import (
+    PARAMETER_NAME_PATTERN,
     Bucket,
     BucketList,
     Parameter,
@@ -39,8 +40,8 @@ if TYPE_CHECKING:
 CacheKey = tuple[str, ...]
 aws_cache = web.AppKey("aws_cache", TtlCache[CacheKey, bytes])
 
-# SSM's rules for a parameter name: these characters, at most 15 levels, 1011 characters in all.
-_NAME_SEGMENT: Final = re.compile(r"[A-Za-z0-9_.\-]+")
+PARAMETER_NAME: Final = re.compile(PARAMETER_NAME_PATTERN)
+# SSM's limits: a name past them cannot exist.
 MAX_NAME_LENGTH: Final = 1011
 MAX_NAME_LEVELS: Final = 15
 CACHE_HEADER: Final = "X-Cache"
@@ -49,36 +50,27 @@ CACHE_HEADER: Final = "X-Cache"
 def parameter_name(raw: str, prefix: str) -> str:
     """The full SSM name for `raw` (relative to `prefix`, or absolute within it).
 
-    Raises a 400 problem for a name SSM would refuse or that climbs (`..`), and a 404 for one
-    outside `prefix`: either way AWS is never asked.
+    Raises a 400 problem for a name not shaped as PARAMETER_NAME_PATTERN says (no `..`
+    climbing), and a 404 for one outside `prefix` or past SSM's limits: AWS is never asked.
     """
-    full = raw if raw.startswith("/") else prefix + raw
-    segments = full.split("/")[1:]
-    problem = None
-    if not raw:
-        problem = "Give a parameter name: /config/db/host or /config/" + prefix + "db/host."
-    elif any(segment in {".", ".."} for segment in segments):
-        problem = "A parameter name cannot contain '.' or '..' segments."
-    elif not all(_NAME_SEGMENT.fullmatch(segment) for segment in segments):
-        problem = (
-            "A parameter name is segments of letters, digits, '_', '.' and '-' "
-            "separated by single '/'."
-        )
-    elif len(full) > MAX_NAME_LENGTH or len(segments) > MAX_NAME_LEVELS:
-        problem = (
-            f"A parameter name has at most {MAX_NAME_LEVELS} levels "
-            f"and {MAX_NAME_LENGTH} characters."
-        )
-    if problem is not None:
-        raise Problem(400, "Bad Request", problem, type="/problems/invalid-parameter-name")
-    if not full.startswith(prefix):
+    if not PARAMETER_NAME.fullmatch(raw):
         raise Problem(
-            404,
-            "Not Found",
-            f"This service reads only the parameters under {prefix}.",
-            type="/problems/not-found",
+            400,
+            "Bad Request",
+            "A parameter name is segments of letters, digits, '_', '.' and '-' (none of them "
+            f"'.' or '..') separated by single '/': db/host, or {prefix}db/host.",
+            type="/problems/invalid-parameter-name",
         )
-    return full
+    full = raw if raw.startswith("/") else prefix + raw
+    if not full.startswith(prefix):
+        detail = f"This service reads only the parameters under {prefix}."
+    elif len(full) > MAX_NAME_LENGTH or full.count("/") > MAX_NAME_LEVELS:
+        detail = (
+            f"SSM names have at most {MAX_NAME_LEVELS} levels and {MAX_NAME_LENGTH} characters."
+        )
+    else:
+        return full
+    raise Problem(404, "Not Found", detail, type="/problems/not-found")
 
 
 def describe_parameter(found: ParameterTypeDef, decrypted: bool) -> Parameter:

@@ -30,5 +30,5 @@ async def greet(request: web.Request) -> web.Response:
     """Say hello; `?name=` greets someone by name."""
     if not request.query_string:
         return json_response(ANONYMOUS)
-    query = convert_query(dict(request.query), GreetingQuery)
+    query = convert_query(request.query, GreetingQuery)
     return json_response(greeting_for(query.name))

@@ -67,6 +67,8 @@ def build_spec(routes: Iterable[Route], role: str) -> dict[str, Any]:
     (_, components) = msgspec.json.schema_components(
         sorted(types, key=lambda t: t.__name__), ref_template="#/components/schemas/{name}"
     )
+    for struct in types:  # what msgspec cannot say of a whole struct (see UpdateRequest)
+        components[struct.__name__].update(getattr(struct, "extra_json_schema", {}))
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         path = _PATH_PARAM.sub(r"{\1}", route.path)
@@ -105,12 +107,15 @@ def _operation(route: Route) -> dict[str, Any]:
         },
     }
     operation["responses"]["default"] = _problem("Error (problem+json)")
-    parameters = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in _PATH_PARAM.findall(route.path)
-    ]
+    if route.path_params is not None:
+        parameters = _parameters(route.path_params, "path")
+    else:
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in _PATH_PARAM.findall(route.path)
+        ]
     if route.query is not None:
-        parameters += _query_parameters(route.query)
+        parameters += _parameters(route.query, "query")
     if parameters:
         operation["parameters"] = parameters
     if route.body is not None:
@@ -137,7 +142,8 @@ def _response(answer: type | str, media_type: str, status: int) -> dict[str, Any
     if isinstance(answer, str):
         if status >= 400:
             return _problem(answer)
-        return {"description": answer, "content": {media_type: {"schema": {"type": "string"}}}}
+        schema = {"type": "object" if media_type == JSON_CONTENT_TYPE else "string"}
+        return {"description": answer, "content": {media_type: {"schema": schema}}}
     return {"description": answer.__name__, "content": {media_type: {"schema": _ref(answer)}}}
 
 
@@ -148,14 +154,24 @@ def _problem(description: str) -> dict[str, Any]:
     }
 
 
-def _query_parameters(struct: type) -> list[dict[str, Any]]:
+def _parameters(struct: type, location: str) -> list[dict[str, Any]]:
+    """The fields of `struct` as path or query parameters."""
     schema = msgspec.json.schema(struct)
     definition = schema["$defs"][struct.__name__]
     required = set(definition.get("required", []))
     return [
-        {"name": name, "in": "query", "required": name in required, "schema": prop}
+        {"name": name, "in": location, "required": name in required, "schema": _value(prop)}
         for name, prop in definition["properties"].items()
     ]
+
+
+def _value(prop: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema: a field `X | None = None` is X, as a parameter is absent or a string,
+    never null."""
+    variants = [variant for variant in prop.get("anyOf", ()) if variant != {"type": "null"}]
+    if len(variants) == 1 and prop.get("default", ...) is None:
+        return variants[0]  # type: ignore[no-any-return]
+    return prop
 
 
 async def spec(request: web.Request) -> web.Response:

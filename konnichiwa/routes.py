@@ -23,6 +23,7 @@ from konnichiwa.schemas import (
     PageQuery,
     Parameter,
     ParameterList,
+    ParameterPath,
     Readiness,
     Status,
     UpdateRequest,
@@ -46,6 +47,7 @@ class Route:
     tag: str
     scope: Scope | None = None  # None: public
     query: type | None = None  # msgspec struct the query string is validated into
+    path_params: type | None = None  # msgspec struct stating the path parameters' shape
     body: type | None = None  # msgspec struct the JSON body is validated into
     responses: Mapping[int, type | str] = dataclasses.field(default_factory=dict)
     roles: frozenset[ServiceName] = BOTH_ROLES
@@ -89,7 +91,7 @@ ROUTES: Final[tuple[Route, ...]] = (
           "cloud", scope="config", aws=frozenset({"ssm"}),
           responses={200: ParameterList, 503: AWS_UNAVAILABLE}),
     Route("GET", "/config/{name:.*}", cloud.config_show, "One SSM parameter with its value",
-          "cloud", scope="config", aws=frozenset({"ssm"}),
+          "cloud", scope="config", aws=frozenset({"ssm"}), path_params=ParameterPath,
           responses={200: Parameter, 400: "The name is not a valid parameter name",
                      404: "No such parameter under the prefix", 503: AWS_UNAVAILABLE}),
     Route("GET", "/storage", cloud.storage, "The account's S3 buckets", "cloud",

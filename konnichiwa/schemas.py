@@ -5,14 +5,17 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
+from email_validator import SPECIAL_USE_DOMAIN_NAMES
+from multidict import MultiMapping
 
 from konnichiwa.errors import FieldError, Problem, validation_problem
 
 _T = TypeVar("_T")
+_S = TypeVar("_S", bound=msgspec.Struct)
 
 NAME_MAX_LENGTH: Final = 100
 JSON_CONTENT_TYPE: Final = "application/json"
@@ -36,11 +39,23 @@ class Greeting(msgspec.Struct):
     romaji: Annotated[str, msgspec.Meta(examples=["konnichiwa"])]
 
 
+# The OpenAPI patterns are ECMA-262 with Unicode properties, as JSON Schema reads them. Python's
+# re has no \p{..}: person_name checks the same with unicodedata.
+NAME_PATTERN: Final = r"^ *\p{L}[\p{L}\p{M}]*(?: \p{L}[\p{L}\p{M}]*)* *$"
+PersonName = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=NAME_MAX_LENGTH,
+        extra_json_schema={"pattern": NAME_PATTERN},
+        description="Words of letters in any script (each letter may carry combining marks), "
+        "single spaces between them; spaces around are dropped.",
+        examples=["山田 太郎"],
+    ),
+]
+
+
 class GreetingQuery(msgspec.Struct, forbid_unknown_fields=True):
-    name: Annotated[
-        str | None,
-        msgspec.Meta(description="Greet someone by name: letters and single inner spaces."),
-    ] = None
+    name: PersonName | None = None
 
 
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
@@ -62,11 +77,23 @@ class Status(msgspec.Struct):
 class UpdateRequest(msgspec.Struct, forbid_unknown_fields=True):
     """Any of: set `counter`, or add `increment` to it; set `message`. At least one."""
 
+    # What state.describe() refuses beyond the fields' own types, stated for the OpenAPI document.
+    extra_json_schema: ClassVar[dict[str, Any]] = {
+        "minProperties": 1,
+        "not": {"required": ["counter", "increment"]},
+    }
+
     counter: Int64 | msgspec.UnsetType = msgspec.UNSET
     increment: Int64 | msgspec.UnsetType = msgspec.UNSET
-    message: Annotated[str, msgspec.Meta(max_length=MESSAGE_MAX_LENGTH)] | msgspec.UnsetType = (
-        msgspec.UNSET
-    )
+    message: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                max_length=MESSAGE_MAX_LENGTH, extra_json_schema={"pattern": r"^[^\u0000]*$"}
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class UpdateResult(msgspec.Struct):
@@ -109,11 +136,41 @@ class LogsPage(msgspec.Struct):
 
 
 EMAIL_MAX_LENGTH: Final = 254
+EMAIL_LOCAL_PART_MAX_LENGTH: Final = 64  # RFC 5321 4.5.3.1.1
+# The addresses users.email_address accepts, in ASCII: a dot-atom local part (RFC 5322 atext),
+# then host-name labels with a top-level label that ends in a letter. email-validator also
+# refuses labels with "--" as their third and fourth characters (except valid Punycode) and
+# special-use domains (RFC 6761).
+_ATEXT: Final = "[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LABEL: Final = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_TOP_LABEL: Final = "(?:[A-Za-z0-9][A-Za-z0-9-]{0,61})?[A-Za-z]"
+_SPECIAL_USE: Final = "|".join(
+    "".join(f"[{c.upper()}{c}]" for c in name) for name in SPECIAL_USE_DOMAIN_NAMES
+)
+EMAIL_SCHEMA: Final = {
+    "pattern": rf"^ *{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+{_TOP_LABEL} *$",
+    "allOf": [{"pattern": rf"^ *[^@]{{1,{EMAIL_LOCAL_PART_MAX_LENGTH}}}@"}],
+    "not": {
+        "anyOf": [
+            {"pattern": "@(?:[A-Za-z0-9-]*\\.)*[A-Za-z0-9]{2}--"},
+            {"pattern": rf"\.(?:{_SPECIAL_USE}) *$"},
+        ]
+    },
+}
 
 
 class NewUser(msgspec.Struct, forbid_unknown_fields=True):
-    name: Annotated[str, msgspec.Meta(description="Letters of any script, single inner spaces")]
-    email: Annotated[str, msgspec.Meta(max_length=EMAIL_MAX_LENGTH, examples=["taro@example.jp"])]
+    name: PersonName
+    email: Annotated[
+        str,
+        msgspec.Meta(
+            max_length=EMAIL_MAX_LENGTH,
+            extra_json_schema=EMAIL_SCHEMA,
+            description="An address that can receive mail; spaces around are dropped. "
+            "Internationalized addresses (RFC 6531, IDNA 2008) are accepted too.",
+            examples=["taro@example.jp"],
+        ),
+    ]
 
 
 class User(msgspec.Struct):
@@ -151,6 +208,23 @@ class Readiness(msgspec.Struct):
 
 
 ParameterType = Literal["String", "StringList", "SecureString"]
+
+
+# An SSM parameter name as /config/{name} takes it (cloud.parameter_name): relative to the
+# service's prefix, or absolute; segments of SSM's characters, none of them "." or "..".
+_SSM_SEGMENT: Final = r"(?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-]|\.\.[A-Za-z0-9_.-])[A-Za-z0-9_.-]*"
+PARAMETER_NAME_PATTERN: Final = rf"^/?(?:{_SSM_SEGMENT})(?:/(?:{_SSM_SEGMENT}))*$"
+
+
+class ParameterPath(msgspec.Struct):
+    name: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=PARAMETER_NAME_PATTERN,
+            description="Relative to this service's prefix (db/host) or absolute within it",
+            examples=["db/host"],
+        ),
+    ]
 
 
 class Parameter(msgspec.Struct):
@@ -192,9 +266,30 @@ def field_errors(exc: msgspec.ValidationError) -> list[FieldError]:
 
 
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+# A JSON string (escaped quotes and all) followed by a colon: an object's key. Matching starts at
+# a string's opening quote or, after a value string, inside it, where it can only end at the
+# value's closing quote, which a comma or brace follows, never a colon.
+_JSON_KEY: Final = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:')
 
 
-async def decode_body(request: web.Request, into: type[_T]) -> _T:
+def repeated_key(body: bytes, value: msgspec.Struct) -> str | None:
+    """The first key that `body`, a flat JSON object decoded into `value`, names twice (msgspec
+    keeps the last silently)."""
+    # Each key brings a colon, and colons inside strings only add: as many colons as fields
+    # given means no key came twice. Counting is far cheaper than scanning for keys below.
+    given = msgspec.structs.astuple(value)
+    if body.count(b":") == len(given) - given.count(msgspec.UNSET):
+        return None
+    seen = set()
+    for raw in _JSON_KEY.findall(body):
+        key = msgspec.json.decode(b'"' + raw + b'"') if b"\\" in raw else raw.decode()
+        if key in seen:
+            return str(key)
+        seen.add(key)
+    return None
+
+
+async def decode_body(request: web.Request, into: type[_S]) -> _S:
     """A JSON request body validated into `into`: 415, 400 or 422 problems when it is not."""
     content_type = request.content_type
     if content_type != JSON_CONTENT_TYPE and not content_type.endswith("+json"):
@@ -206,14 +301,19 @@ async def decode_body(request: web.Request, into: type[_T]) -> _T:
     decoder = _decoders.get(into)
     if decoder is None:
         decoder = _decoders[into] = msgspec.json.Decoder(into)
+    body = await request.read()
     try:
-        return decoder.decode(await request.read())  # type: ignore[no-any-return]
+        value: _S = decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise validation_problem(field_errors(exc)) from None
     except msgspec.DecodeError:
         raise Problem(
             400, "Bad Request", "The body is not valid JSON.", type="/problems/malformed-json"
         ) from None
+    # Decoded into a struct, the body is a flat object (no struct has an object field).
+    if (key := repeated_key(body, value)) is not None:
+        raise validation_problem([FieldError(key, f"`{key}` is given more than once.")])
+    return value
 
 
 def rfc3339(moment: datetime) -> str:
@@ -221,35 +321,38 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def convert_query(query: object, into: type[_T]) -> _T:
-    """Validate query parameters (strings) into a struct; raise a 422 problem on bad values."""
+def convert_query(query: MultiMapping[str], into: type[_T]) -> _T:
+    """Validate query parameters (strings) into a struct; raise a 422 problem on bad values or
+    on a parameter given more than once."""
+    if len(query) > 1 and len(set(query)) < len(query):
+        repeated = next(name for name in query if len(query.getall(name)) > 1)
+        raise validation_problem([FieldError(repeated, f"`{repeated}` is given more than once.")])
     try:
-        return msgspec.convert(query, into, strict=False)
+        return msgspec.convert(dict(query), into, strict=False)
     except msgspec.ValidationError as exc:
         raise validation_problem(field_errors(exc)) from None
 
 
-_NAME_SHAPE: Final = re.compile(r"[^\W\d_]+(?: [^\W\d_]+)*")
-
-
 def person_name(raw: str, field: str = "name") -> str:
-    """A person's name in any script: letters (and their combining marks), single inner spaces."""
-    name = unicodedata.normalize("NFC", raw.strip())
-    problem = None
+    """A name as NAME_PATTERN states it (its length was checked on decoding), without the
+    spaces around it, in NFC."""
+    name = raw.strip(" ")
     if not name:
-        problem = "must not be empty"
-    elif len(name) > NAME_MAX_LENGTH:
-        problem = f"must be at most {NAME_MAX_LENGTH} characters"
-    elif not _NAME_SHAPE.fullmatch(_without_marks(name)):
-        problem = "may contain only letters and single spaces between words"
-    if problem is not None:
-        raise validation_problem([FieldError(field, f"The name {problem}.")])
-    return name
+        problem = "The name must not be empty."
+    elif not all(map(_is_word, name.split(" "))):
+        problem = "The name may contain only letters (with their marks) and single spaces."
+    else:
+        normal = unicodedata.normalize("NFC", name)
+        # NFC lengthens a few letters (U+0958 becomes two code points): past the limit, keep
+        # the canonically equivalent form as sent, which the schema allows.
+        return normal if len(normal) <= NAME_MAX_LENGTH else name
+    raise validation_problem([FieldError(field, problem)])
 
 
-def _without_marks(text: str) -> str:
-    # Scripts such as Devanagari write names with combining marks (category M), which \w lacks.
-    return "".join(ch for ch in text if not unicodedata.category(ch).startswith("M"))
+def _is_word(word: str) -> bool:
+    # A letter, then letters and combining marks (Devanagari writes vowels as marks).
+    categories = [unicodedata.category(ch)[0] for ch in word]
+    return bool(categories) and categories[0] == "L" and set(categories) <= {"L", "M"}
 
 
 class Memory(msgspec.Struct):

@@ -178,8 +178,11 @@ BAD_NAMES = [
     ("/config/db/host$", 400),
     ("/config/db%2Fhost%3F", 400),
     ("/config/", 400),
-    ("/config/" + "a/" * 15 + "b", 400),
-    ("/config/" + "a" * 1000, 400),
+    ("/config/j%C2%B6y", 400),
+    ("/config/db/.hidden/..", 400),  # a '..' segment climbs (sent as it is, unresolved)
+    # Past SSM's limits (15 levels, 1,011 characters): no such parameter can exist.
+    ("/config/" + "a/" * 15 + "b", 404),
+    ("/config/" + "a" * 1000, 404),
 ]
 
 

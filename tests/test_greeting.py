@@ -13,6 +13,7 @@ VALID_NAMES = [
     ("  Anne Marie  ", "こんにちは、Anne Marieさん"),
     ("Ольга", "こんにちは、Ольгаさん"),
     ("देवनागरी", "こんにちは、देवनागरीさん"),
+    ("Jose\u0301", "こんにちは、Joséさん"),  # combining accent, stored composed (NFC)
 ]
 INVALID_NAMES = [
     "T4ro",
@@ -24,6 +25,10 @@ INVALID_NAMES = [
     "x" * 101,
     "tab\tname",
     "O'Brien",
+    "\u0301Taro",  # a combining mark with no letter to carry it
+    "\tTaro",  # only spaces around a name are dropped
+    " " + "x" * 100,  # 101 characters as sent
+    "Ⅻ",  # a number (Nl), not a letter
 ]
 
 
@@ -48,6 +53,12 @@ async def test_rejects_what_is_not_a_name(client: Client, name: str) -> None:
     assert response.content_type == "application/problem+json"
     body = await response.json()
     assert body["errors"][0]["field"] == "name"
+
+
+async def test_repeated_name_is_refused(client: Client) -> None:
+    response = await client.get("/", params=[("name", "Taro"), ("name", "Jiro")])
+    assert response.status == 422
+    assert (await response.json())["errors"][0]["field"] == "name"
 
 
 async def test_unknown_query_parameter(client: Client) -> None:

@@ -107,6 +107,40 @@ async def test_invalid_updates_change_nothing(client: Client, body: object, fiel
     assert await _state(client) == (9, "before")
 
 
+DUPLICATE_KEYS = [
+    (b'{"increment": 1, "increment": 2}', "increment"),
+    (b'{"counter":1,"message":"a","counter":1}', "counter"),
+    (b'{"message": "x", "c\\u006funter": 1, "counter": 2}', "counter"),  # an escaped key
+    (b'{"message": "a\\", \\"message\\": \\"b", "message": "c"}', "message"),
+]
+
+
+@pytest.mark.parametrize(("data", "field"), DUPLICATE_KEYS)
+async def test_duplicate_keys_change_nothing(client: Client, data: bytes, field: str) -> None:
+    response = await client.post(
+        "/update", data=data, headers={**FULL_AUTH, "Content-Type": "application/json"}
+    )
+    assert response.status == 422
+    assert [error["field"] for error in (await response.json())["errors"]] == [field]
+    assert await _state(client) == (0, "")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"message": "\\"counter\\": 1, \\"counter\\": 2", "counter": 3}',  # keys in a string
+        b'{"message": "a\\\\", "counter": 3}',  # a value ending in an escaped backslash
+        b'{ "counter" : 3 , "message" : ":\\":" }',
+    ],
+)
+async def test_keys_inside_strings_are_no_duplicates(client: Client, data: bytes) -> None:
+    response = await client.post(
+        "/update", data=data, headers={**FULL_AUTH, "Content-Type": "application/json"}
+    )
+    assert response.status == 200
+    assert (await response.json())["new_state"]["counter"] == 3
+
+
 @pytest.mark.parametrize(
     ("data", "content_type", "status"),
     [

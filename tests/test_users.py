@@ -21,6 +21,9 @@ VALID = [
     ("Ana", " ana@example.com ", "Ana", "ana@example.com"),
     ("Yuki", "yuki@例え.jp", "Yuki", "yuki@例え.jp"),
     ("x" * 100, "long@example.com", "x" * 100, "long@example.com"),
+    ("Jose\u0301", "x" * 64 + "@example.com", "José", "x" * 64 + "@example.com"),  # NFC
+    # U+0958 is two code points in NFC: the name stays as sent rather than pass 100.
+    ("\u0958" * 100, "qa@example.in", "\u0958" * 100, "qa@example.in"),
 ]
 
 INVALID = [
@@ -39,6 +42,12 @@ INVALID = [
     ({"name": "Taro", "email": "taro@localhost"}, "email"),
     ({"name": "Taro", "email": "taro@exa mple.com"}, "email"),
     ({"name": "Taro", "email": "x" * 245 + "@example.com"}, "email"),
+    ({"name": "Taro", "email": "x" * 65 + "@example.com"}, "email"),  # RFC 5321: 64 at most
+    ({"name": "Taro", "email": "t@example.test"}, "email"),  # special-use (RFC 6761)
+    ({"name": "\u0301Taro", "email": "t@example.com"}, "name"),  # a mark needs a letter first
+    ({"name": "\tTaro", "email": "t@example.com"}, "name"),  # only spaces around are dropped
+    ({"name": "Taro²", "email": "t@example.com"}, "name"),
+    ({"name": " " + "x" * 100, "email": "t@example.com"}, "name"),  # 101 as sent
     ({"name": "Taro", "email": ""}, "email"),
     ({"name": "Taro"}, "email"),
     ({"email": "t@example.com"}, "name"),
@@ -132,11 +141,31 @@ async def test_paging(
 
 
 @pytest.mark.parametrize(
-    "params", [{"page": "0"}, {"limit": "101"}, {"limit": "x"}, {"sort": "name"}]
+    ("params", "field"),
+    [
+        ({"page": "0"}, "page"),
+        ({"limit": "101"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"sort": "name"}, "sort"),
+        ([("limit", "10"), ("limit", "20")], "limit"),
+        ([("page", "1"), ("limit", "5"), ("page", "1")], "page"),  # even with the same value
+    ],
 )
-async def test_bad_paging(client: Client, params: dict[str, str]) -> None:
+async def test_bad_paging(
+    client: Client, params: dict[str, str] | list[tuple[str, str]], field: str
+) -> None:
     response = await client.get("/users", params=params, headers=READ_AUTH)
     assert response.status == 422
+    assert [error["field"] for error in (await response.json())["errors"]] == [field]
+
+
+async def test_duplicate_keys_are_refused(client: Client) -> None:
+    data = b'{"name": "Taro", "email": "a@example.com", "email": "b@example.com"}'
+    response = await client.post(
+        "/user", data=data, headers={**FULL_AUTH, "Content-Type": "application/json"}
+    )
+    assert response.status == 422
+    assert [error["field"] for error in (await response.json())["errors"]] == ["email"]
 
 
 @pytest.mark.parametrize("user_id", ["999", "abc", "-1", "99999999999999999999999"])

@@ -31,7 +31,7 @@ from konnichiwa.background import running
 from konnichiwa.coalesce import CoalescedReads, Memo
 from konnichiwa.errors import Problem
 from konnichiwa.postgres import pg_pool
-from konnichiwa.redis_store import LuaScript, redis_client
+from konnichiwa.redis_store import COMMAND_TIMEOUT, LuaScript, connect, redis_client
 from konnichiwa.schemas import (
     AuditBacklog,
     AuditEntry,
@@ -42,6 +42,7 @@ from konnichiwa.schemas import (
     json_response,
     rfc3339,
 )
+from konnichiwa.settings import settings_key
 from konnichiwa.state import (
     AuditRow,
     StateKeys,
@@ -290,11 +291,20 @@ async def audit_writer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[outbox_pages] = CoalescedReads(
         lambda page: read_outbox_page(redis, keys, page), LOG_PAGES_KEPT
     )
-    writer = AuditWriter(redis, app[pg_pool], keys)
-    await reconcile(writer.redis, writer.pool, writer.keys)
-    await writer.ensure_group()
-    async with running(writer.run(), "audit-writer"):
-        yield
+    # A client of its own: its XREADGROUP waits up to BLOCK_MS, longer than requests' commands may.
+    consumer_redis = connect(
+        app[settings_key].require("redis_url"),
+        timeout=BLOCK_MS / 1000 + COMMAND_TIMEOUT,
+        connections=2,
+    )
+    writer = AuditWriter(consumer_redis, app[pg_pool], keys)
+    try:
+        await reconcile(writer.redis, writer.pool, writer.keys)
+        await writer.ensure_group()
+        async with running(writer.run(), "audit-writer"):
+            yield
+    finally:
+        await consumer_redis.aclose()
 
 
 # The backlog in one round trip: [changes not yet in Postgres, the oldest of them or nothing].

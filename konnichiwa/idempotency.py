@@ -1,8 +1,11 @@
-"""`Idempotency-Key` for POST requests: the first success is kept 24 h per API key and replayed.
+"""`Idempotency-Key` on POST: a request is applied at most once per key (and API key), and a
+retry gets the first answer, marked `Idempotent-Replayed: true`; the same key with another body
+is a 422.
 
-A request takes a short lease on its key (SET NX) before it runs, so of concurrent requests with
-one key exactly one runs; the others get 409 while it runs and its answer once it is done. The
-same key with another body is a client error (422). Failures release the key for a retry.
+For /update the record is written by the update script itself, in the same atomic step as the
+change (state.py). /user takes a short lease on its key (SET NX) before it runs, so of concurrent
+requests with one key exactly one runs; the others get 409 while it runs and its answer once it
+is done; a failure releases the key for a retry.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, Literal, NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -24,16 +27,56 @@ from konnichiwa.settings import settings_key
 
 HEADER: Final = "Idempotency-Key"
 REPLAYED_HEADER: Final = "Idempotent-Replayed"
+REPLAYED: Final = {REPLAYED_HEADER: "true"}
 LEASE_SECONDS: Final = 60  # a request still "running" after this is presumed dead
 KEEP_SECONDS: Final = 24 * 3600
+DIGEST_BYTES: Final = 16  # 128 bits: no two keys or bodies of a client ever collide
 _SHAPE: Final = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII, as the IETF draft suggests
 _KEPT_HEADERS: Final = ("Location",)
 
+Operation = Literal["update", "user"]  # each has its own namespace of keys
+
+KEY_REUSED: Final = Problem(
+    422,
+    "Unprocessable Content",
+    "This Idempotency-Key was already used with a different request body.",
+    type="/problems/idempotency-key-reused",
+    errors=[FieldError(HEADER, "Already used with a different body.")],
+)
+
+
+class IdempotencyRecord(NamedTuple):
+    """Where a request's answer is kept, and the fingerprint a retry must match."""
+
+    key: str
+    fingerprint: str  # hex digest of the request body as decoded (spelling aside)
+
+
+def record_for(
+    request: web.Request, body: msgspec.Struct, operation: Operation
+) -> IdempotencyRecord | None:
+    """The record a request's Idempotency-Key names (None without one); 422 for a bad key.
+
+    Records belong to one API key: one client's key can never replay another client's answer.
+    """
+    idempotency_key = request.headers.get(HEADER)
+    if idempotency_key is None:
+        return None
+    if not _SHAPE.fullmatch(idempotency_key):
+        raise validation_problem(
+            [FieldError(HEADER, "Use 1 to 255 visible ASCII characters (a UUID is a good key).")]
+        )
+    owner = request[api_key].digest[:DIGEST_BYTES].hex()
+    name = hashlib.sha256(idempotency_key.encode()).digest()[:DIGEST_BYTES].hex()
+    prefix = key_prefix(request.app[settings_key].environment)
+    fingerprint = hashlib.sha256(encode(body)).digest()[:DIGEST_BYTES].hex()
+    return IdempotencyRecord(f"{prefix}:once:{operation}:{owner}:{name}", fingerprint)
+
 
 class Record(msgspec.Struct, array_like=True):
-    """What is stored under a key: the request's fingerprint, then (once done) its answer."""
+    """What /user keeps under a key: the request's fingerprint, then (once done) its answer."""
 
-    fingerprint: bytes
+    fingerprint: str
     status: int = 0  # 0: still running
     content_type: str = ""
     headers: dict[str, str] = {}
@@ -44,28 +87,15 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Record).decode
 
 
-def storage_key(request: web.Request, idempotency_key: str) -> str:
-    """Keys are per API key: one client's key can never replay another client's answer."""
-    owner = request[api_key].digest.hex()
-    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
-    return f"{key_prefix(request.app[settings_key].environment)}:idem:{owner}:{digest}"
-
-
 async def idempotent(
     request: web.Request, body: msgspec.Struct, operation: Callable[[], Awaitable[web.Response]]
 ) -> web.Response:
     """Run `operation` at most once per Idempotency-Key; `body` is the request's decoded body."""
-    idempotency_key = request.headers.get(HEADER)
-    if idempotency_key is None:
+    record = record_for(request, body, "user")
+    if record is None:
         return await operation()
-    if not _SHAPE.fullmatch(idempotency_key):
-        raise validation_problem(
-            [FieldError(HEADER, "Use 1 to 255 visible ASCII characters (a UUID is a good key).")]
-        )
     redis = request.app[redis_client]
-    key = storage_key(request, idempotency_key)
-    payload = f"{request.method} {request.path} ".encode() + encode(body)
-    fingerprint = hashlib.sha256(payload).digest()
+    key, fingerprint = record
     while not await redis.set(key, _encode(Record(fingerprint)), nx=True, ex=LEASE_SECONDS):
         stored = await redis.get(key)
         if stored is not None:  # else it expired just now: try to take it again
@@ -76,7 +106,7 @@ async def idempotent(
 
 
 async def _run_and_keep(
-    redis: Redis, key: str, fingerprint: bytes, operation: Callable[[], Awaitable[web.Response]]
+    redis: Redis, key: str, fingerprint: str, operation: Callable[[], Awaitable[web.Response]]
 ) -> web.Response:
     try:
         response = await operation()
@@ -97,15 +127,9 @@ async def _run_and_keep(
     return response
 
 
-def _answer_from(record: Record, fingerprint: bytes) -> web.Response:
+def _answer_from(record: Record, fingerprint: str) -> web.Response:
     if record.fingerprint != fingerprint:
-        raise Problem(
-            422,
-            "Unprocessable Content",
-            "This Idempotency-Key was already used with a different request body.",
-            type="/problems/idempotency-key-reused",
-            errors=[FieldError(HEADER, "Already used with a different body.")],
-        )
+        raise KEY_REUSED
     if record.status == 0:
         raise Problem(
             409,
@@ -118,5 +142,5 @@ def _answer_from(record: Record, fingerprint: bytes) -> web.Response:
         status=record.status,
         body=record.body,
         content_type=record.content_type,
-        headers={**record.headers, REPLAYED_HEADER: "true"},
+        headers={**record.headers, **REPLAYED},
     )

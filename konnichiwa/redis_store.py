@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, Generic, TypeVar
 
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from konnichiwa.settings import settings_key
@@ -17,9 +19,10 @@ redis_client = web.AppKey("redis_client", Redis)
 _I = TypeVar("_I")
 _O = TypeVar("_O")
 
-CONNECT_TIMEOUT: Final = 2.0
+CONNECT_TIMEOUT: Final = 1.0
 # A command that takes longer than this means Redis is in trouble: fail with a 503, never hang.
-COMMAND_TIMEOUT: Final = 5.0
+# Every command the service sends takes well under a millisecond of Redis's time.
+COMMAND_TIMEOUT: Final = 1.0
 
 
 def key_prefix(environment: str) -> str:
@@ -93,17 +96,31 @@ class Batcher(Generic[_I, _O]):
 Runner = Callable[..., Awaitable[Any]]
 
 
-def connect(url: str) -> Redis:
-    """A client whose pool waits (bounded) for a free connection instead of failing at once."""
+def connect(url: str, timeout: float = COMMAND_TIMEOUT, connections: int = 64) -> Redis:
+    """A client whose pool waits (bounded) for a free connection instead of failing at once,
+    and whose commands fail after `timeout` seconds. It never sends a command twice."""
     pool = BlockingConnectionPool.from_url(
         url,
-        max_connections=64,
-        timeout=COMMAND_TIMEOUT,
+        max_connections=connections,
+        timeout=timeout,
         socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_timeout=COMMAND_TIMEOUT,
+        socket_timeout=timeout,
         health_check_interval=30,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+def never_sent(exc: BaseException) -> bool:
+    """Whether a failed call cannot have reached Redis: no connection could be made, or none
+    was free. Any other failure (a timeout, a connection lost while waiting for the reply) may
+    have come after Redis ran the command."""
+    refused = (ConnectionRefusedError, FileNotFoundError, socket.gaierror)
+    return isinstance(exc, RedisConnectionError) and (
+        isinstance(exc.__cause__, refused) or str(exc) == NO_FREE_CONNECTION
+    )
+
+
+NO_FREE_CONNECTION: Final = "No connection available."  # what redis-py's pool raises
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -20,9 +20,16 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from konnichiwa.coalesce import CoalescedRead
-from konnichiwa.errors import FieldError, Problem, validation_problem
-from konnichiwa.idempotency import idempotent
-from konnichiwa.redis_store import Batcher, LuaScript, Runner, key_prefix, redis_client
+from konnichiwa.errors import DEPENDENCY_ERRORS, FieldError, Problem, validation_problem
+from konnichiwa.idempotency import KEEP_SECONDS, KEY_REUSED, REPLAYED, IdempotencyRecord, record_for
+from konnichiwa.redis_store import (
+    Batcher,
+    LuaScript,
+    Runner,
+    key_prefix,
+    never_sent,
+    redis_client,
+)
 from konnichiwa.schemas import (
     State,
     Status,
@@ -35,17 +42,21 @@ from konnichiwa.schemas import (
 )
 from konnichiwa.settings import settings_key
 
-# A batch of changes, each applied whole and in order; one reply per change: its audit row, or
-# "overflow". ARGV[1] is the batch as one MessagePack array of changes (mode, counter argument, "1"
-# if a message is given, the message, update_type): one argument to pack and parse instead of five
-# per change. The audit row is one JSON array of strings, [seq, microseconds since the epoch,
-# old_counter, new_counter, old_message, new_message, update_type]: the outbox entry's only field
-# and the reply alike, passed to Postgres as it is (one stream field instead of seven is what
-# makes the script, the consumer's reads and the consumer itself cheap). The state hash is
-# written once per batch, at the end: a script that has written once always runs to its end
-# (Redis refuses a script for lack of memory only before its first write), so the hash and the
-# stream cannot part. Lua moves counters as strings and adds them as numbers only when the sum is
-# exact in a double; otherwise Redis's HINCRBY does it.
+# A batch of changes, each applied whole and in order; one reply per change: its audit row,
+# "overflow", or for a change whose Idempotency-Key was used before, "R" and the first answer's
+# audit row (or "reused" when the body differs). ARGV[1] is the batch as one MessagePack array of
+# `Change`s: one argument to pack and parse instead of seven per change. A change with an
+# Idempotency-Key names its record by index into KEYS, and the record (fingerprint, then the
+# audit row) is written right beside the change, so no crash or stall can part them: a retry
+# always finds the first answer. ARGV[2] is how long records are kept. The audit row is one JSON
+# array of strings, [seq, microseconds since the epoch, old_counter, new_counter, old_message,
+# new_message, update_type]: the outbox entry's only field and the reply alike, passed to Postgres
+# as it is (one stream field instead of seven is what makes the script, the consumer's reads and
+# the consumer itself cheap). The state hash is written once per batch, at the end: a script that
+# has written once always runs to its end (Redis refuses a script for lack of memory only before
+# its first write), so the hash, the stream and the records cannot part. Lua moves counters as
+# strings and adds them as numbers only when the sum is exact in a double; otherwise Redis's
+# HINCRBY does it.
 UPDATE_SCRIPT: Final = LuaScript("""
 local held = redis.call('HMGET', KEYS[1], 'counter', 'message', 'seq')
 local counter, message = held[1] or '0', held[2] or ''
@@ -55,37 +66,49 @@ local now = redis.call('TIME')
 local micros = now[1] .. string.format('%06d', now[2])
 local replies = {}
 for _, change in ipairs(cmsgpack.unpack(ARGV[1])) do
-  local mode, argument = change[1], change[2]
-  local new_counter = counter
-  if mode == 'increment' then
-    local a, b = tonumber(counter), tonumber(argument)
-    if a > -2^52 and a < 2^52 and b > -2^52 and b < 2^52 then
-      new_counter = string.format('%d', a + b)  -- exact: the sum is within a double's integers
-    else  -- Redis does the 64-bit arithmetic, refusing to overflow
-      redis.call('HSET', KEYS[1], 'counter', counter)
-      local added = redis.pcall('HINCRBY', KEYS[1], 'counter', argument)
-      if type(added) == 'table' and added.err then
-        new_counter = nil
-      else
-        new_counter = redis.call('HGET', KEYS[1], 'counter')
-      end
+  local mode, argument, record = change[1], change[2], change[6]
+  local kept = record > 0 and redis.call('GET', KEYS[record])
+  if kept then
+    if string.sub(kept, 1, 32) == change[7] then
+      replies[#replies + 1] = 'R' .. string.sub(kept, 33)
+    else
+      replies[#replies + 1] = 'reused'
     end
-  elseif mode == 'set' then
-    new_counter = argument
-  end
-  if new_counter == nil then
-    replies[#replies + 1] = 'overflow'
   else
-    local new_message = message
-    if change[3] == '1' then
-      new_message = change[4]
+    local new_counter = counter
+    if mode == 'increment' then
+      local a, b = tonumber(counter), tonumber(argument)
+      if a > -2^52 and a < 2^52 and b > -2^52 and b < 2^52 then
+        new_counter = string.format('%d', a + b)  -- exact: the sum is within a double's integers
+      else  -- Redis does the 64-bit arithmetic, refusing to overflow
+        redis.call('HSET', KEYS[1], 'counter', counter)
+        local added = redis.pcall('HINCRBY', KEYS[1], 'counter', argument)
+        if type(added) == 'table' and added.err then
+          new_counter = nil
+        else
+          new_counter = redis.call('HGET', KEYS[1], 'counter')
+        end
+      end
+    elseif mode == 'set' then
+      new_counter = argument
     end
-    seq = seq + 1
-    local id = string.format('%d', seq)
-    local row = cjson.encode({id, micros, counter, new_counter, message, new_message, change[5]})
-    redis.call('XADD', KEYS[2], id .. '-0', 'row', row)
-    replies[#replies + 1] = row
-    counter, message = new_counter, new_message
+    if new_counter == nil then
+      replies[#replies + 1] = 'overflow'
+    else
+      local new_message = message
+      if change[3] == '1' then
+        new_message = change[4]
+      end
+      seq = seq + 1
+      local id = string.format('%d', seq)
+      local row = cjson.encode({id, micros, counter, new_counter, message, new_message, change[5]})
+      redis.call('XADD', KEYS[2], id .. '-0', 'row', row)
+      if record > 0 then
+        redis.call('SET', KEYS[record], change[7] .. row, 'EX', ARGV[2])
+      end
+      replies[#replies + 1] = row
+      counter, message = new_counter, new_message
+    end
   end
 end
 if seq > first_seq then
@@ -98,10 +121,26 @@ return replies
 # (Redis runs nothing else while a script runs).
 MAX_UPDATE_BATCH: Final = 256
 
-# What the script needs of one change: (mode, counter argument, "1" if a message is given, the
-# message, update_type).
-Change = tuple[str, str, str, str, str]
+
+class Change(NamedTuple):
+    """One change as the update script takes it."""
+
+    mode: str  # "set", "increment" or "keep"
+    argument: str  # the counter's new value or increment, in decimal
+    has_message: str  # "1" if the message is set
+    message: str
+    update_type: str  # what /logs says changed, e.g. "increment, message"
+    record: IdempotencyRecord | None = None
+
+
 _pack_changes: Final = msgspec.msgpack.Encoder().encode
+
+
+class Applied(NamedTuple):
+    """A change's answer, and whether it is the first answer replayed for a retry."""
+
+    result: UpdateResult
+    replayed: bool
 
 
 class StateKeys:
@@ -115,8 +154,9 @@ class StateKeys:
 state_keys = web.AppKey("state_keys", StateKeys)
 
 
-def describe(request: UpdateRequest) -> Change:
-    """The script's arguments for one valid request; a 422 problem for contradictory input."""
+def describe(request: UpdateRequest, record: IdempotencyRecord | None = None) -> Change:
+    """The script's arguments for one valid request (and its Idempotency-Key's record); a 422
+    problem for contradictory input."""
     changed = []
     mode, argument = "keep", ""
     if request.counter is not msgspec.UNSET and request.increment is not msgspec.UNSET:
@@ -140,18 +180,29 @@ def describe(request: UpdateRequest) -> Change:
         raise validation_problem(
             [FieldError("body", "Give at least one of `counter`, `increment`, `message`.")]
         )
-    return mode, argument, "0" if message is None else "1", message or "", ", ".join(changed)
+    has_message = "0" if message is None else "1"
+    return Change(mode, argument, has_message, message or "", ", ".join(changed), record)
 
 
 async def apply_changes(
-    run: Runner, keys: StateKeys, changes: Sequence[Change]
-) -> list[UpdateResult | Problem]:
-    """Apply changes in one script, each atomically; a 409 problem for one that would overflow.
+    run: Runner, keys: StateKeys, changes: Sequence[Change], keep_seconds: int = KEEP_SECONDS
+) -> list[Applied | Problem]:
+    """Apply changes in one script, each atomically; a 409 problem for one that would overflow,
+    a 422 for an Idempotency-Key used before with another body.
 
     `run` sends a command, e.g. a client's `execute_command`.
     """
-    replies = await UPDATE_SCRIPT(run, (keys.state, keys.audit), _pack_changes(changes))
-    return [_result(reply) for reply in replies]
+    script_keys = [keys.state, keys.audit]
+    packed = []
+    for change in changes:
+        record = change.record
+        if record is None:
+            packed.append((*change[:5], 0, ""))
+        else:
+            script_keys.append(record.key)
+            packed.append((*change[:5], len(script_keys), record.fingerprint))
+    replies = await UPDATE_SCRIPT(run, script_keys, _pack_changes(packed), keep_seconds)
+    return [_outcome(reply) for reply in replies]
 
 
 async def apply_update(run: Runner, keys: StateKeys, request: UpdateRequest) -> UpdateResult:
@@ -159,7 +210,7 @@ async def apply_update(run: Runner, keys: StateKeys, request: UpdateRequest) -> 
     (outcome,) = await apply_changes(run, keys, [describe(request)])
     if isinstance(outcome, Problem):
         raise outcome
-    return outcome
+    return outcome.result
 
 
 class AuditRow(msgspec.Struct, array_like=True, frozen=True):
@@ -177,27 +228,33 @@ class AuditRow(msgspec.Struct, array_like=True, frozen=True):
 read_audit_row: Final = msgspec.json.Decoder(AuditRow, strict=False).decode
 
 
-def _result(reply: bytes) -> UpdateResult | Problem:
+OVERFLOW: Final = Problem(
+    409,
+    "Conflict",
+    "The increment would take the counter outside the signed 64-bit range; nothing was changed.",
+    type="/problems/counter-overflow",
+)
+
+
+def _outcome(reply: bytes) -> Applied | Problem:
     if reply == b"overflow":
-        return Problem(
-            409,
-            "Conflict",
-            "The increment would take the counter outside the signed 64-bit range; "
-            "nothing was changed.",
-            type="/problems/counter-overflow",
-        )
-    row = read_audit_row(reply)
-    return UpdateResult(
+        return OVERFLOW
+    if reply == b"reused":
+        return KEY_REUSED
+    replayed = reply[:1] == b"R"
+    row = read_audit_row(reply[1:] if replayed else reply)
+    result = UpdateResult(
         success=True,
         message="State updated successfully",
         old_state=State(row.old_counter, row.old_message),
         new_state=State(row.new_counter, row.new_message),
         seq=row.seq,
     )
+    return Applied(result, replayed)
 
 
 # Each worker sends its concurrent changes to Redis together, one script per batch.
-updates = web.AppKey("updates", Batcher[Change, UpdateResult])
+updates = web.AppKey("updates", Batcher[Change, Applied])
 
 
 class Snapshot(NamedTuple):
@@ -252,13 +309,31 @@ async def status(request: web.Request) -> web.Response:
 async def update(request: web.Request) -> web.Response:
     """Change the counter (set or increment) and/or the message, atomically."""
     body = await decode_body(request, UpdateRequest)
-    change = describe(body)
-    app = request.app
+    record = record_for(request, body, "update")
+    change = describe(body, record)
+    try:
+        applied = await request.app[updates](change)
+    except DEPENDENCY_ERRORS as exc:
+        if never_sent(exc):
+            raise
+        raise outcome_unknown(record is not None) from exc
+    return json_response(applied.result, headers=REPLAYED if applied.replayed else None)
 
-    async def apply() -> web.Response:
-        return json_response(await app[updates](change))
 
-    return await idempotent(request, body, apply)
+def outcome_unknown(keyed: bool) -> Problem:
+    """The answer when Redis may have applied the change but did not say so in time."""
+    retry = (
+        "A retry with the same Idempotency-Key is safe: it is applied at most once."
+        if keyed
+        else "Send updates with an Idempotency-Key to retry them safely."
+    )
+    return Problem(
+        503,
+        "Service Unavailable",
+        f"Redis did not confirm the update in time; it may have been applied. {retry}",
+        type="/problems/outcome-unknown",
+        headers={"Retry-After": "1"},
+    )
 
 
 def setup_state(app: web.Application) -> None:

@@ -15,7 +15,13 @@ import redis.asyncio
 
 from konnichiwa.audit import OUTBOX_KEPT, audit_backlog, persist, read_page
 from konnichiwa.schemas import AuditBacklog, UpdateRequest, rfc3339
-from konnichiwa.state import MAX_UPDATE_BATCH, StateKeys, apply_changes, apply_update
+from konnichiwa.state import (
+    MAX_UPDATE_BATCH,
+    Change,
+    StateKeys,
+    apply_changes,
+    apply_update,
+)
 from tests.support import FULL_AUTH, Client, drained_readiness
 
 
@@ -242,7 +248,7 @@ async def test_pages_read_alike_from_the_outbox_and_from_postgres(
     keys = StateKeys("dev")
     count = OUTBOX_KEPT + 300
     changes = [
-        ("set" if n % 3 else "increment", str(n), str(n % 2), f"m{n}", "counter, message")
+        Change("set" if n % 3 else "increment", str(n), str(n % 2), f"m{n}", "counter, message")
         for n in range(1, count + 1)
     ]
     connection = redis.asyncio.Redis.from_url(redis_url)

@@ -9,6 +9,9 @@ import pytest
 import redis.asyncio
 
 from konnichiwa.auth import SCOPES, ApiKey, keyring
+from konnichiwa.idempotency import KEY_REUSED, IdempotencyRecord
+from konnichiwa.schemas import UpdateRequest
+from konnichiwa.state import Applied, StateKeys, apply_changes, describe
 from tests.support import FULL_AUTH, FULL_KEY, Client
 
 OTHER_KEY = "another-client-key-0123456789"
@@ -94,12 +97,38 @@ async def test_malformed_keys(client: Client, key: str) -> None:
     assert await _counter(client) == 0
 
 
-async def test_answers_are_kept_for_a_day(client: Client, redis_url: str) -> None:
-    await _post(client, {"increment": 1}, "kept")
+async def test_answers_are_kept_for_a_day_compactly(client: Client, redis_url: str) -> None:
+    await _post(client, {"increment": 1, "message": "kept"}, "kept")
     connection = redis.asyncio.Redis.from_url(redis_url)
     try:
-        keys = await connection.keys("{konnichiwa:dev}:idem:*")
-        assert len(keys) == 1
-        assert 86000 < await connection.ttl(keys[0]) <= 86400
+        (key,) = await connection.keys("{konnichiwa:dev}:once:update:*")
+        assert 86000 < await connection.ttl(key) <= 86400
+        used = await connection.memory_usage(key)
+        assert used is not None
+        assert used < 300  # bytes: the key, the fingerprint and the audit row
     finally:
         await connection.aclose()
+
+
+async def test_a_batch_with_one_key_twice_applies_it_once(redis_url: str) -> None:
+    """The record is written beside the change, inside the script: the second change of a
+    batch already finds it."""
+    record = IdempotencyRecord("{konnichiwa:dev}:once:update:test", "f" * 32)
+    other = IdempotencyRecord(record.key, "e" * 32)
+    changes = [
+        describe(UpdateRequest(increment=2), record),
+        describe(UpdateRequest(increment=2), record),
+        describe(UpdateRequest(increment=3), other),
+    ]
+    connection = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        first, again, reused = await apply_changes(
+            connection.execute_command, StateKeys("dev"), changes
+        )
+        assert await connection.hget("{konnichiwa:dev}:state", "counter") == b"2"
+    finally:
+        await connection.aclose()
+    assert isinstance(first, Applied)
+    assert again == Applied(first.result, replayed=True)
+    assert not first.replayed
+    assert reused is KEY_REUSED

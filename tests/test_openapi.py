@@ -106,6 +106,9 @@ async def test_docs_page_and_assets_are_served_locally(client: Client) -> None:
     page = await client.get("/docs")
     assert page.status == 200
     html = await page.text()
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self';" in policy  # no inline script may run: the page has none
+    assert re.findall(r"<script(?![^>]*\bsrc=)", html) == []
     assert "swagger-ui-bundle.js" in html
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', html), "an asset from another host"
     for asset in re.findall(r'(?:src|href)="(/docs/static/[^"]+)"', html):
@@ -145,12 +148,14 @@ async def test_swagger_ui_lists_the_operations(
         "--disable-sync",
         f"--user-data-dir={tmp_path}",
         "--virtual-time-budget=15000",
+        "--enable-logging=stderr",  # the page's console, where the browser reports what CSP blocks
         "--dump-dom",
         str(client.make_url("/docs")),
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
-    dom, _ = await asyncio.wait_for(process.communicate(), timeout=90)
+    dom, console = await asyncio.wait_for(process.communicate(), timeout=90)
+    assert "Content Security Policy" not in console.decode(errors="replace")
     rendered = dom.decode()
     paths = set(re.findall(r'data-path="([^"]+)"', rendered))
     assert {"/", "/health", "/health/ready", "/openapi.json", "/docs"} <= paths

@@ -14,6 +14,7 @@ from konnichiwa.key_refresh import api_key_refresh_ctx
 from konnichiwa.metrics import route_labels
 from konnichiwa.openapi import build_spec, openapi_document
 from konnichiwa.postgres import pg_ctx
+from konnichiwa.ratelimit import setup_rate_limits
 from konnichiwa.redis_store import redis_ctx
 from konnichiwa.routes import aws_services, routes_for, setup_routes
 from konnichiwa.scoreboard import Scoreboard, scoreboard, worker_slot
@@ -53,6 +54,7 @@ def create_app(
     setup_state(app)
     setup_users(app)
     setup_cloud(app)
+    setup_rate_limits(app)
     services: set[AwsService] = set(aws_services(routes))
     if settings.api_key_secret_id is not None:
         services.add("secretsmanager")

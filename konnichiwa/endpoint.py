@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -28,11 +29,21 @@ from konnichiwa.errors import (
 from konnichiwa.protocol import NOSNIFF, SLOW_BODY, SlowBody
 from konnichiwa.scoreboard import WorkerSlot
 
+if TYPE_CHECKING:
+    from konnichiwa.ratelimit import RouteLimit
+
 log = logging.getLogger("konnichiwa")
 
 
-def endpoint(handler: Handler, slot: WorkerSlot, route: int, scope: Scope | None = None) -> Handler:
-    """`handler` as route number `route` on the scoreboard, for keys with `scope` (None: public).
+def endpoint(
+    handler: Handler,
+    slot: WorkerSlot,
+    route: int,
+    scope: Scope | None = None,
+    limit: RouteLimit | None = None,
+) -> Handler:
+    """`handler` as route number `route` on the scoreboard, for keys with `scope` (None: public),
+    within the rate `limit` (None: never limited).
 
     Every answer carries the request ID; every failure becomes problem+json: a `Problem` as it
     says, a store that is down a 503, anything unexpected a logged 500.
@@ -46,10 +57,17 @@ def endpoint(handler: Handler, slot: WorkerSlot, route: int, scope: Scope | None
         try:
             try:
                 if scope is not None:
+                    if limit is not None:
+                        limit.refuse_blocked(request)  # before the key is even looked at
                     request[api_key] = authorize(request, scope)
+                if limit is not None and (waiting := limit.admit(request)) is not None:
+                    await waiting
                 response = await handler(request)
             except Problem as problem:
-                response = problem.response()
+                if limit is not None and problem.status == 401:
+                    response = await limit.failed_authentication(request, problem)
+                else:
+                    response = problem.response()
             except DEPENDENCY_ERRORS as exc:
                 response = _failure(request, exc, rid)
             except web.HTTPException as exc:

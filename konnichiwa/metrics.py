@@ -16,6 +16,7 @@ from typing import Final
 from aiohttp import web
 
 from konnichiwa.capacity import dependencies, sampler
+from konnichiwa.ratelimit import POLICIES
 from konnichiwa.scoreboard import (
     BOUNDS,
     CONNECTIONS,
@@ -24,11 +25,15 @@ from konnichiwa.scoreboard import (
     IN_FLIGHT,
     LOOP_LAG_US,
     PID,
+    RATE_LIMITED,
+    RATE_LIMITER_DOWN,
     ROUTE_HISTOGRAM,
     ROUTE_SUM,
     RSS,
     STATUS_CLASSES,
     THREADS,
+    UNCHECKED_ADMITTED,
+    UNCHECKED_REFUSED,
     scoreboard,
 )
 
@@ -103,6 +108,8 @@ def _worker_families(app: web.Application) -> Iterator[str]:
         ("connections", "gauge", "Open sockets of each worker.", CONNECTIONS, 1.0),
         ("event_loop_lag_seconds", "gauge", "How late each worker's loop woke up.", LOOP_LAG_US,
          1e-6),
+        ("rate_limiter_down", "gauge", "1 while the worker's rate limiter cannot reach Redis.",
+         RATE_LIMITER_DOWN, 1.0),
     ):  # fmt: skip
         yield from family(
             f"konnichiwa_worker_{name}", kind, text,
@@ -148,10 +155,29 @@ def _service_families(app: web.Application) -> Iterator[str]:
                       [("", {"path": host.disk.path}, host.disk.percent)])  # fmt: skip
 
 
+def _rate_limit_families(app: web.Application) -> Iterator[str]:
+    workers = [figures for _, figures in app[scoreboard].workers()]
+    yield from family(
+        "konnichiwa_rate_limited_total", "counter", "Requests refused with 429, by policy.",
+        (("", {"policy": name}, sum(w[RATE_LIMITED + n] for w in workers))
+         for n, name in enumerate(POLICIES)),
+    )  # fmt: skip
+    yield from family(
+        "konnichiwa_rate_limit_unchecked_total", "counter",
+        "Requests decided while the rate limiter could not reach Redis: reads admitted (fail "
+        "open), writes refused (fail closed).",
+        (("", {"decision": decision}, sum(w[field] for w in workers))
+         for decision, field in (("admitted", UNCHECKED_ADMITTED), ("refused", UNCHECKED_REFUSED))),
+    )  # fmt: skip
+
+
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition (0.0.4) of the service's figures, every worker summed."""
     app = request.app
-    lines = [*_route_families(app), *_service_families(app), *_worker_families(app)]
+    lines = [
+        *_route_families(app), *_service_families(app), *_rate_limit_families(app),
+        *_worker_families(app),
+    ]  # fmt: skip
     return web.Response(
         body="\n".join(lines).encode() + b"\n", headers={"Content-Type": CONTENT_TYPE}
     )

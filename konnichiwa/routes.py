@@ -13,6 +13,7 @@ from konnichiwa import audit, capacity, cloud, greeting, health, metrics, openap
 from konnichiwa.auth import Scope
 from konnichiwa.aws import AwsService
 from konnichiwa.endpoint import endpoint, no_route
+from konnichiwa.ratelimit import rate_limiter
 from konnichiwa.schemas import (
     BucketList,
     Greeting,
@@ -55,15 +56,17 @@ class Route:
     aws: frozenset[AwsService] = frozenset()
     # Responses in another media type than JSON (text/plain, text/html).
     media_type: str = "application/json"
+    # False: never rate limited (the probes, which load balancers and orchestrators poll).
+    limited: bool = True
 
 
 ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/", greeting.greet, "Greeting in Japanese", "greeting",
           query=GreetingQuery, responses={200: Greeting}),
     Route("GET", "/health", health.health, "Liveness probe", "probes",
-          responses={200: "ok"}, media_type="text/plain"),
+          responses={200: "ok"}, media_type="text/plain", limited=False),
     Route("GET", "/health/ready", health.ready, "Readiness probe", "probes",
-          responses={200: Readiness, 503: "A dependency is down"}),
+          responses={200: Readiness, 503: "A dependency is down"}, limited=False),
     Route("GET", "/status", state.status, "Current counter and message", "state",
           responses={200: Status}),
     Route("POST", "/update", state.update, "Change the counter and/or the message", "state",
@@ -120,13 +123,15 @@ def aws_services(routes: tuple[Route, ...]) -> frozenset[AwsService]:
 def setup_routes(app: web.Application, role: ServiceName) -> None:
     """Add the role's routes, each counted under its number in `routes_for(role)`; whatever
     none of them matches is counted under the number after the last."""
-    slot = app[worker_slot]
+    slot, limiter = app[worker_slot], app[rate_limiter]
     routes = routes_for(role)
     for number, route in enumerate(routes):
-        handler = endpoint(route.handler, slot, number, route.scope)
+        limit = limiter.route(route.scope) if route.limited else None
+        handler = endpoint(route.handler, slot, number, route.scope, limit)
         if route.method == "GET":
             app.router.add_get(route.path, handler)  # answers HEAD too
         else:
             app.router.add_route(route.method, route.path, handler)
     # [\s\S], not `.`: a path with a newline (%0a) is a 404 of ours too.
-    app.router.add_route("*", r"/{path:[\s\S]*}", endpoint(no_route, slot, len(routes)))
+    anything = endpoint(no_route, slot, len(routes), limit=limiter.route(None))
+    app.router.add_route("*", r"/{path:[\s\S]*}", anything)

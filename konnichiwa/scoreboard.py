@@ -45,10 +45,12 @@ STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _CLASS_OF_HUNDREDS: Final = (0, 0, 1, 2, 3, 4, 4, 4, 4, 4)
 RING_SECONDS: Final = 64  # more than the longest window (60 s)
 
-# A worker's figures, at the start of its slot.
+# A worker's figures, at the start of its slot. RATE_LIMITED starts the 429s counted by each
+# rate-limit policy (in konnichiwa.ratelimit.POLICIES order).
 (PID, STARTED_US, IN_FLIGHT, RSS, CPU_CENTIPERCENT, CPU_SECONDS_US, THREADS, FDS, CONNECTIONS,
- LOOP_LAG_US, REDIS_IN_USE, REDIS_IDLE, POSTGRES_IN_USE, POSTGRES_IDLE) = range(14)  # fmt: skip
-WORKER_CELLS: Final = 16
+ LOOP_LAG_US, REDIS_IN_USE, REDIS_IDLE, POSTGRES_IN_USE, POSTGRES_IDLE, RATE_LIMITER_DOWN,
+ UNCHECKED_ADMITTED, UNCHECKED_REFUSED, RATE_LIMITED) = range(18)  # fmt: skip
+WORKER_CELLS: Final = 24
 # Per route: responses by status class, the latency sum (µs), the latency histogram.
 ROUTE_SUM: Final = len(STATUS_CLASSES)
 ROUTE_HISTOGRAM: Final = ROUTE_SUM + 1
@@ -262,6 +264,9 @@ class WorkerSlot:
 
     def set(self, field: int, value: int) -> None:
         self.cells[self.base + field] = value
+
+    def count(self, field: int) -> None:
+        self.cells[self.base + field] += 1
 
     def begin(self) -> float:
         """A request starts: count it in flight; its start on the monotonic clock."""

@@ -6,8 +6,9 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Final, Literal, TypeVar, cast, get_args
+from typing import Final, Literal, NamedTuple, TypeVar, cast, get_args
 
 from aiohttp import web
 from dotenv import dotenv_values
@@ -26,6 +27,8 @@ VARIABLES: Final = (
     "AWS_REGION", "AWS_ENDPOINT_URL", "SSM_PREFIX", "KONNICHIWA_STATE_DIR", "MAX_BODY_BYTES",
     "CONFIG_CACHE_SECONDS", "CONFIG_STALE_SECONDS", "API_KEY_REFRESH_SECONDS",
     "HEADER_TIMEOUT_SECONDS", "BODY_TIMEOUT_SECONDS", "KEEPALIVE_SECONDS", "MAX_CONNECTIONS",
+    "RATE_LIMIT_READS", "RATE_LIMIT_WRITES", "RATE_LIMIT_INSPECT", "RATE_LIMIT_CONFIG",
+    "RATE_LIMIT_ANONYMOUS", "RATE_LIMIT_AUTH_FAILURES", "TRUSTED_PROXIES",
 )  # fmt: skip
 # The AWS SDK's own variables: any of them set in dev means "use AWS", not the embedded emulator.
 AWS_SDK_VARIABLES: Final = (
@@ -40,6 +43,28 @@ _L = TypeVar("_L", bound=str)
 
 class SettingsError(ValueError):
     """A setting has a value the service cannot start with; the message names the variable."""
+
+
+class Rate(NamedTuple):
+    """At most `quota` requests in any `window` seconds, all of them at once if need be."""
+
+    quota: int
+    window: int
+
+
+class RateLimits(NamedTuple):
+    """Quotas per API key by route class, and per client address for anonymous traffic and for
+    failed authentication. Windows of 10 s and more let a client burst, then hold the rate."""
+
+    reads: Rate = Rate(10_000, 10)
+    writes: Rate = Rate(2_000, 10)
+    inspect: Rate = Rate(600, 60)  # /metrics scrapes and monitors: a few a second at most
+    config: Rate = Rate(600, 60)  # answers are cached; SSM itself allows ~40 calls a second
+    anonymous: Rate = Rate(1_000, 10)
+    auth_failures: Rate = Rate(20, 120)  # 10 a minute, 20 at once: typos, never a dictionary
+
+
+DEFAULT_RATE_LIMITS: Final = RateLimits()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,6 +101,9 @@ class Settings:
     body_timeout_seconds: int = 30
     keepalive_seconds: int = 75
     max_connections: int = 1000  # per worker, and always below its file descriptor limit
+    rate_limits: RateLimits = DEFAULT_RATE_LIMITS
+    # Peers whose X-Forwarded-For names the client (the load balancer, nginx); nobody else's.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -141,6 +169,17 @@ def _parse(env: Mapping[str, str]) -> Settings:
         body_timeout_seconds=_integer(get, "BODY_TIMEOUT_SECONDS", 1, 3600) or 30,
         keepalive_seconds=_integer(get, "KEEPALIVE_SECONDS", 1, 3600) or 75,
         max_connections=_integer(get, "MAX_CONNECTIONS", 16, 1_000_000) or 1000,
+        rate_limits=RateLimits(
+            reads=_rate(get, "RATE_LIMIT_READS") or DEFAULT_RATE_LIMITS.reads,
+            writes=_rate(get, "RATE_LIMIT_WRITES") or DEFAULT_RATE_LIMITS.writes,
+            inspect=_rate(get, "RATE_LIMIT_INSPECT") or DEFAULT_RATE_LIMITS.inspect,
+            config=_rate(get, "RATE_LIMIT_CONFIG") or DEFAULT_RATE_LIMITS.config,
+            anonymous=_rate(get, "RATE_LIMIT_ANONYMOUS") or DEFAULT_RATE_LIMITS.anonymous,
+            auth_failures=(
+                _rate(get, "RATE_LIMIT_AUTH_FAILURES") or DEFAULT_RATE_LIMITS.auth_failures
+            ),
+        ),
+        trusted_proxies=_networks(get, "TRUSTED_PROXIES"),
     )
     if environment != "dev":
         for name, value in (
@@ -207,6 +246,37 @@ def _url(get: Getter, name: str, schemes: tuple[str, ...]) -> str | None:
         expected = " or ".join(f"{s}://..." for s in schemes)
         raise SettingsError(f"{name} is not valid: expected a URL of the form {expected}")
     return raw
+
+
+_RATE: Final = re.compile(r"([0-9]+)/([0-9]*)(s|min|h)")
+_WINDOW_UNITS: Final = {"s": 1, "min": 60, "h": 3600}
+
+
+def _rate(get: Getter, name: str) -> Rate | None:
+    raw = get(name)
+    if raw is None:
+        return None
+    found = _RATE.fullmatch(raw)
+    if found is not None:
+        quota, window = int(found[1]), int(found[2] or 1) * _WINDOW_UNITS[found[3]]
+        if 1 <= quota <= 10**9 and 1 <= window <= 86400:
+            return Rate(quota, window)
+    raise SettingsError(
+        f"{name}={raw!r} is not valid: expected requests per window like 1000/10s, 20/2min or "
+        "5000/h (1 to 10^9 requests in 1 s to 24 h)"
+    )
+
+
+def _networks(get: Getter, name: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    networks = []
+    for part in filter(None, (part.strip() for part in (get(name) or "").split(","))):
+        try:
+            networks.append(ip_network(part))
+        except ValueError:
+            raise SettingsError(
+                f"{name} is not valid: {part!r} is not an address or a network like 10.0.0.0/8"
+            ) from None
+    return tuple(networks)
 
 
 def _api_keys(get: Getter) -> tuple[ApiKey, ...]:

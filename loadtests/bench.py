@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loadtests.plan import UNTHROTTLED
 from tests.support import ServiceProcess, free_port, http_get, running_service
 
 RESULTS = Path(__file__).with_name("results")
@@ -367,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "API_KEYS": f"{api_key}:read+write+inspect",
         "ENVIRONMENT": "dev",
         "WORKERS": str(options.workers),
+        **UNTHROTTLED,  # the limiter runs on every request, but wrk's one address is not refused
     }
     with tempfile.TemporaryDirectory(prefix="konnichiwa-bench-") as scratch:
         folder = Path(scratch)

@@ -28,7 +28,7 @@ from typing import Final, NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.plan import USER_RATE
+from loadtests.plan import UNTHROTTLED, USER_RATE
 from tests.support import running_service
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -238,7 +238,11 @@ def target(options: argparse.Namespace, folder: Path) -> Iterator[tuple[str, str
         yield options.host, options.api_key
         return
     api_key = secrets.token_urlsafe(24)
-    environment = {"API_KEYS": f"{api_key}:read+write+inspect", "ENVIRONMENT": "dev"}
+    environment = {
+        "API_KEYS": f"{api_key}:read+write+inspect",
+        "ENVIRONMENT": "dev",
+        **UNTHROTTLED,  # the limiter runs on every request, but Locust's one address is not refused
+    }
     if options.workers:
         environment["WORKERS"] = str(options.workers)
     with running_service(folder / "service.log", environment) as service:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from konnichiwa.auth import DEFAULT_SCOPES, ApiKey
-from konnichiwa.settings import VARIABLES, Settings, SettingsError
+from konnichiwa.settings import VARIABLES, Rate, RateLimits, Settings, SettingsError
 
 PROD = {
     "ENVIRONMENT": "prod",
@@ -50,6 +50,12 @@ def test_defaults() -> None:
         ({"CONFIG_CACHE_SECONDS": "-1"}, "CONFIG_CACHE_SECONDS", "an integer from 0 to 3600"),
         ({"CONFIG_STALE_SECONDS": "a"}, "CONFIG_STALE_SECONDS", "an integer from 0 to 86400"),
         ({"API_KEY_REFRESH_SECONDS": "0"}, "API_KEY_REFRESH_SECONDS", "an integer from 1"),
+        ({"RATE_LIMIT_READS": "1000"}, "RATE_LIMIT_READS", "like 1000/10s, 20/2min or 5000/h"),
+        ({"RATE_LIMIT_WRITES": "0/s"}, "RATE_LIMIT_WRITES", "1 to 10^9 requests"),
+        ({"RATE_LIMIT_AUTH_FAILURES": "20/2d"}, "RATE_LIMIT_AUTH_FAILURES", "like 1000/10s"),
+        ({"RATE_LIMIT_ANONYMOUS": "5/25h"}, "RATE_LIMIT_ANONYMOUS", "in 1 s to 24 h"),
+        ({"TRUSTED_PROXIES": "10.0.0.1/8"}, "TRUSTED_PROXIES", "'10.0.0.1/8' is not an address"),
+        ({"TRUSTED_PROXIES": "nginx"}, "TRUSTED_PROXIES", "a network like 10.0.0.0/8"),
     ],
 )
 def test_bad_values_name_the_variable(environ: dict[str, str], named: str, expected: str) -> None:
@@ -100,6 +106,24 @@ def test_cache_settings() -> None:
     assert defaults.api_key_refresh_seconds == 300
     off = Settings.from_env({"CONFIG_CACHE_SECONDS": "0", "CONFIG_STALE_SECONDS": "0"}, None)
     assert (off.config_cache_seconds, off.config_stale_seconds) == (0, 0)
+
+
+def test_rate_limits() -> None:
+    defaults = Settings.from_env({}, env_file=None)
+    assert defaults.rate_limits == Settings().rate_limits == RateLimits(
+        reads=Rate(10_000, 10), writes=Rate(2_000, 10), inspect=Rate(600, 60),
+        config=Rate(600, 60), anonymous=Rate(1_000, 10), auth_failures=Rate(20, 120),
+    )  # fmt: skip
+    assert defaults.trusted_proxies == ()
+    given = Settings.from_env(
+        {"RATE_LIMIT_READS": "50/s", "RATE_LIMIT_WRITES": "5000/h", "RATE_LIMIT_CONFIG": "9/2min",
+         "TRUSTED_PROXIES": " 10.0.0.0/8, fd00::/8 ,192.0.2.1"},
+        env_file=None,
+    )  # fmt: skip
+    assert given.rate_limits[:4] == (Rate(50, 1), Rate(5000, 3600), Rate(600, 60), Rate(9, 120))
+    assert [str(network) for network in given.trusted_proxies] == [
+        "10.0.0.0/8", "fd00::/8", "192.0.2.1/32"
+    ]  # fmt: skip
 
 
 def test_prod_never_embeds() -> None:

@@ -17,6 +17,15 @@ locals {
     CONFIG_CACHE_SECONDS    = "30"
     CONFIG_STALE_SECONDS    = "300"
     API_KEY_REFRESH_SECONDS = "300"
+    # Requests per window: per API key by route class, per client address when anonymous and
+    # for failed authentication. The ALB, inside the VPC, names the client in X-Forwarded-For.
+    RATE_LIMIT_READS         = "10000/10s"
+    RATE_LIMIT_WRITES        = "2000/10s"
+    RATE_LIMIT_INSPECT       = "600/min"
+    RATE_LIMIT_CONFIG        = "600/min"
+    RATE_LIMIT_ANONYMOUS     = "1000/10s"
+    RATE_LIMIT_AUTH_FAILURES = "20/2min"
+    TRUSTED_PROXIES          = var.vpc_cidr
   }
 
   # Each role's own settings: its name and the SSM path its task role may read.

@@ -128,7 +128,7 @@ def raw_problem(status: int, title: str, detail: str) -> bytes:
 class GuardedRequestHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler with a deadline on headers and on bodies."""
 
-    __slots__ = ("_body", "_deadline", "_guard", "_header_bytes")
+    __slots__ = ("_body", "_deadline", "_draining", "_guard", "_header_bytes")
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -136,6 +136,7 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         self._deadline: asyncio.TimerHandle | None = None
         self._header_bytes = 0
         self._body: streams.StreamReader | None = None  # a body still arriving
+        self._draining = False  # shutting down: answer the request in hand, then close
 
     def waiting_on_client(self) -> bool:
         """Idle or reading headers: nothing of the service's is lost by closing it."""
@@ -177,6 +178,36 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
     def _body_arrived(self) -> None:
         self._body = None
         self._set_deadline(None)
+        if self._draining:
+            super().close()
+
+    def close(self) -> None:
+        """Close once the request in hand is answered (at once when idle) — but only after its
+        body has arrived: aiohttp reads nothing more once a connection is closing."""
+        self._draining = True
+        if self._body is None:
+            super().close()
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        if self._draining:
+            resp.force_close()  # the client hears "Connection: close", not a dropped socket
+        return await super().finish_response(request, resp, start_time)
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109  (aiohttp's)
+        """Let the request in hand finish, its body read to the end and its answer written,
+        before aiohttp's own shutdown, which stops reading at once."""
+        deadline = None if timeout is None else self._loop.time() + timeout
+        if self._request_in_progress:
+            self._handler_waiter = self._loop.create_future()  # aiohttp resolves it
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._handler_waiter
+            except TimeoutError:
+                self._handler_waiter = None
+        remaining = None if deadline is None else max(0.0, deadline - self._loop.time())
+        await super().shutdown(remaining)
 
     def _headers_too_slow(self) -> None:
         self._deadline = None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from aiohttp import web
 from konnichiwa.app import create_app
 from konnichiwa.protocol import MAX_HEADER_BYTES, ConnectionPolicy, GuardedAppRunner
 from konnichiwa.settings import Settings
-from tests.support import FULL_AUTH, free_port, running_service
+from tests.support import FULL_AUTH, FULL_KEY, free_port, running_service
 
 HEADER_SECONDS, BODY_SECONDS, KEEPALIVE_SECONDS = 1, 1, 2
 FIVE_SECONDS = aiohttp.ClientTimeout(total=5)
@@ -308,3 +310,38 @@ async def _memory_back(process: psutil.Process, limit: float, within: float) -> 
             return False
         await asyncio.sleep(0.2)
     return True
+
+
+async def test_sigterm_answers_every_request_in_flight_even_mid_upload(
+    tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    """100 requests in flight at SIGTERM, half of them still sending their bodies: each gets
+    its whole answer, saying the connection closes; the service exits 0 in time."""
+    environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "API_KEY": FULL_KEY}
+    body = b'{"increment": 1}'
+    head = (
+        b"POST /update HTTP/1.1\r\n" + HOST + b"Content-Type: application/json\r\n"
+        b"Authorization: " + FULL_AUTH["Authorization"].encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    with running_service(tmp_path / "serve.log", environment, "--workers", "2") as service:
+        connections = [await asyncio.open_connection("127.0.0.1", service.port) for _ in range(100)]
+        for number, (_, writer) in enumerate(connections):
+            writer.write(head + body[: number % 2 * 5])  # half send part of the body already
+            await writer.drain()
+        await asyncio.sleep(0.5)  # every request is being handled, waiting for its body
+        stopped_at = time.monotonic()
+        service.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1)  # the workers are draining
+        for number, (_, writer) in enumerate(connections):
+            writer.write(body[number % 2 * 5 :])
+        answers = [parse(await asyncio.wait_for(reader.read(), 25)) for reader, _ in connections]
+        for _, writer in connections:
+            writer.close()
+        exit_code = await asyncio.to_thread(service.process.wait, 25)
+    assert time.monotonic() - stopped_at < 25
+    assert exit_code == 0
+    assert [answer.status for answer in answers] == [200] * 100
+    assert {answer.headers["connection"] for answer in answers} == {"close"}
+    counters = sorted(json.loads(answer.body)["new_state"]["counter"] for answer in answers)
+    assert counters == list(range(1, 101))  # each applied, once

@@ -37,7 +37,7 @@ class LuaScript:
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324  (Redis names scripts so)
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()  # Redis's name
 
     async def __call__(self, run: Runner, keys: Sequence[str], *args: str | int | bytes) -> Any:
         """Run through `run`, e.g. a client's `execute_command`."""

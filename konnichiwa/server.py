@@ -147,7 +147,7 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         # Memory-backed where the system has /dev/shm: counting must never wait for a disk.
-        shared = Path("/dev/shm")  # noqa: S108  (a private directory is made inside it)
+        shared = Path("/dev/shm")  # noqa: S108  (mkdtemp makes a private one inside)  # nosec B108
         directory = Path(
             tempfile.mkdtemp(prefix="konnichiwa-", dir=shared if shared.is_dir() else None)
         )

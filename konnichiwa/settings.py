@@ -36,6 +36,8 @@ AWS_SDK_VARIABLES: Final = (
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
 )  # fmt: skip
+# A server in a container listens on every interface; HOST narrows it.
+ALL_INTERFACES: Final = "0.0.0.0"  # nosec B104
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 _L = TypeVar("_L", bound=str)
@@ -72,7 +74,7 @@ class Settings:
     """Everything the service reads from its environment, validated."""
 
     port: int = 4000
-    host: str = "0.0.0.0"
+    host: str = ALL_INTERFACES
     workers: int = 1
     service_name: ServiceName = "api"
     environment: Environment = "dev"
@@ -145,7 +147,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
     api_keys = _api_keys(get)
     settings = Settings(
         port=_integer(get, "PORT", 1, 65535) or 4000,
-        host=get("HOST") or "0.0.0.0",
+        host=get("HOST") or ALL_INTERFACES,
         workers=_integer(get, "WORKERS", 1, 256) or os.cpu_count() or 1,
         service_name=_choice(get, "SERVICE_NAME", get_args(ServiceName)) or "api",
         environment=environment,

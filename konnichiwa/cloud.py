@@ -3,7 +3,7 @@
 SSM allows about 40 requests a second per account and region, far below this service's traffic:
 every answer is cached per worker for CONFIG_CACHE_SECONDS, concurrent misses share one call, and
 when AWS fails the last good answer is served (for at most CONFIG_STALE_SECONDS more) with
-`X-Cache: stale`.
+`X-Cache: stale`. A parameter that does not exist is remembered for NOT_FOUND_SECONDS.
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ if TYPE_CHECKING:
     from types_aiobotocore_ssm.type_defs import ParameterTypeDef
 
 CacheKey = tuple[str, ...]
-aws_cache = web.AppKey("aws_cache", TtlCache[CacheKey, bytes])
+aws_cache = web.AppKey("aws_cache", TtlCache[CacheKey, bytes | Problem])
+# How long a "not found" is kept: a name nobody defined must not cost an SSM call per request
+# (SSM allows an account ~40 a second), yet one defined now is seen soon.
+NOT_FOUND_SECONDS: Final = 10
 
 PARAMETER_NAME: Final = re.compile(PARAMETER_NAME_PATTERN)
 # SSM's limits: a name past them cannot exist.
@@ -124,10 +127,17 @@ def _timestamp(moment: datetime | None) -> str:
 async def _cached(
     request: web.Request, key: CacheKey, read: Callable[[], Awaitable[object]]
 ) -> web.Response:
-    async def fetch() -> bytes:
-        return encode(await read())
+    async def fetch() -> bytes | Problem:
+        try:
+            return encode(await read())
+        except Problem as problem:
+            if problem.status == 404:
+                return problem
+            raise
 
     answer = await request.app[aws_cache].get(key, fetch)
+    if isinstance(answer.value, Problem):
+        raise answer.value
     headers = {CACHE_HEADER: answer.status, "Age": str(math.floor(answer.age))}
     return json_response(answer.value, headers=headers)
 
@@ -160,8 +170,12 @@ async def storage(request: web.Request) -> web.Response:
 
 def setup_cloud(app: web.Application) -> None:
     settings = app[settings_key]
+    found_ttl = settings.config_cache_seconds
     app[aws_cache] = TtlCache(
-        ttl=settings.config_cache_seconds,
+        ttl=found_ttl,
         stale=settings.config_stale_seconds,
         outages=(AwsUnavailable,),
+        ttl_of=lambda value: (
+            min(found_ttl, NOT_FOUND_SECONDS) if isinstance(value, Problem) else found_ttl
+        ),
     )

@@ -123,31 +123,38 @@ class Cached(NamedTuple, Generic[_T]):
 
 
 class _Entry(Generic[_T]):
-    __slots__ = ("fetched_at", "retry_at", "value")
+    __slots__ = ("fetched_at", "retry_at", "ttl", "value")
 
-    def __init__(self, value: _T, fetched_at: float) -> None:
+    def __init__(self, value: _T, fetched_at: float, ttl: float) -> None:
         self.value = value
         self.fetched_at = fetched_at
         self.retry_at = fetched_at
+        self.ttl = ttl
 
 
 class TtlCache(Generic[_K, _T]):
     """Values kept `ttl` seconds for the most recent keys; concurrent misses of a key make one
     fetch (single-flight). When a fetch fails with one of `outages`, the last good value is
     served for up to `stale` seconds past its time to live, and the source is left alone for
-    `retry_interval` seconds before the next try."""
+    `retry_interval` seconds before the next try. `ttl_of` gives some values a time to live of
+    their own (e.g. a shorter one to a "not found")."""
 
-    __slots__ = ("_entries", "_in_flight", "_outages", "_retry", "_size", "_stale", "_ttl")
+    __slots__ = (
+        "_entries", "_in_flight", "_outages", "_retry", "_size", "_stale", "_ttl", "_ttl_of",
+    )  # fmt: skip
 
     def __init__(
         self,
         ttl: float,
         stale: float,
         outages: tuple[type[BaseException], ...],
+        *,
         size: int = 1024,
         retry_interval: float = 2.0,
+        ttl_of: Callable[[_T], float] | None = None,
     ) -> None:
         self._ttl, self._stale, self._retry = ttl, stale, retry_interval
+        self._ttl_of = ttl_of
         self._outages = outages
         self._size = size
         self._entries: OrderedDict[_K, _Entry[_T]] = OrderedDict()
@@ -158,7 +165,7 @@ class TtlCache(Generic[_K, _T]):
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
-            if now - entry.fetched_at < self._ttl:
+            if now - entry.fetched_at < entry.ttl:
                 return Cached(entry.value, now - entry.fetched_at, "hit")
             if now < entry.retry_at and self._servable(entry, now):
                 return Cached(entry.value, now - entry.fetched_at, "stale")
@@ -178,14 +185,15 @@ class TtlCache(Generic[_K, _T]):
         return Cached(value, 0.0, "miss")
 
     def _servable(self, entry: _Entry[_T], now: float) -> bool:
-        return now - entry.fetched_at < self._ttl + self._stale
+        return now - entry.fetched_at < entry.ttl + self._stale
 
     async def _fetch(self, key: _K, fetch: Callable[[], Awaitable[_T]]) -> _T:
         try:
             value = await fetch()
         finally:
             del self._in_flight[key]
-        self._entries[key] = _Entry(value, time.monotonic())
+        ttl = self._ttl if self._ttl_of is None else self._ttl_of(value)
+        self._entries[key] = _Entry(value, time.monotonic(), ttl)
         self._entries.move_to_end(key)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)

@@ -299,6 +299,20 @@ async def test_cache(  # noqa: PLR0917
     assert proxy.calls["GetParameter"] == calls
 
 
+@pytest.mark.parametrize(("cache_seconds", "calls"), [(30, 1), (0, 5)])
+async def test_a_missing_parameter_is_remembered_like_a_found_one(
+    ssm: SSMClient, make_client: MakeClient, proxy: CountingProxy, cache_seconds: int, calls: int
+) -> None:
+    """A name nobody defined costs one SSM call, not one per request (for NOT_FOUND_SECONDS,
+    never longer than answers are cached)."""
+    client = await make_client(aws_endpoint_url=proxy.url, config_cache_seconds=cache_seconds)
+    for _ in range(5):
+        response = await client.get("/config/not/yet", headers=CONFIG_AUTH)
+        assert response.status == 404
+        assert (await response.json())["type"] == "/problems/not-found"
+    assert proxy.calls["GetParameter"] == calls
+
+
 async def test_decrypted_values_are_cached_apart(ssm: SSMClient, make_client: MakeClient) -> None:
     client = await make_client()
     secret = await client.get("/config/db/password", headers=FULL_AUTH)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 
-from konnichiwa.coalesce import CoalescedRead, CoalescedReads
+from konnichiwa.coalesce import CoalescedRead, CoalescedReads, TtlCache
 
 
 class Source:
@@ -94,3 +95,22 @@ async def test_eviction_never_strands_a_waiter(size: int) -> None:
     await asyncio.sleep(0)
     release.set()
     assert await asyncio.wait_for(asyncio.gather(*waiting), 1) == list(range(10))
+
+
+async def test_a_value_can_have_a_shorter_time_to_live_of_its_own() -> None:
+    """A "not found" kept briefly beside answers kept long: each expires at its own time."""
+    fetched: list[str] = []
+
+    async def fetch(key: str) -> str:
+        fetched.append(key)
+        return "found" if key == "yes" else "missing"
+
+    cache = TtlCache[str, str](
+        60, 0, outages=(), ttl_of=lambda value: 0.05 if value == "missing" else 60
+    )
+    for key in ("yes", "no", "yes", "no"):
+        await cache.get(key, functools.partial(fetch, key))
+    assert fetched == ["yes", "no"]
+    await asyncio.sleep(0.1)  # the short time to live itself is what is tested
+    statuses = [(await cache.get(k, functools.partial(fetch, k))).status for k in ("yes", "no")]
+    assert statuses == ["hit", "miss"]

@@ -67,7 +67,7 @@ SCOPE_POLICIES: Final[Mapping[Scope, str]] = {
 LEASE_DIVISOR: Final = 20
 MAX_LEASE_BATCH: Final = 256  # leases per script: Redis runs nothing else while a script runs
 # A lease Redis has not granted within this long is decided as if Redis were down.
-LEASE_TIMEOUT: Final = 0.5
+LEASE_TIMEOUT: Final = 0.25  # with the 1 s command timeout, a stalled Redis is a 503 within ~1 s
 # While Redis is down, requests are decided without it; it is asked again after this long.
 RETRY_SECONDS: Final = 1.0
 # Identities a worker remembers per policy: the oldest is forgotten first (and leases afresh).

@@ -10,6 +10,7 @@ from konnichiwa.auth import KeyRing, keyring
 from konnichiwa.aws import AwsService, aws_ctx
 from konnichiwa.capacity import capacity_ctx
 from konnichiwa.cloud import setup_cloud
+from konnichiwa.health import setup_health
 from konnichiwa.key_refresh import api_key_refresh_ctx
 from konnichiwa.metrics import route_labels
 from konnichiwa.openapi import build_spec, openapi_document
@@ -51,6 +52,7 @@ def create_app(
     app[route_labels] = (*((r.method, r.path) for r in routes), ("", "other"))
     app[keyring] = KeyRing(settings.api_keys)
     app[openapi_document] = msgspec.json.encode(build_spec(routes, settings.service_name))
+    setup_health(app)
     setup_state(app)
     setup_users(app)
     setup_cloud(app)

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 from konnichiwa.background import running
 from konnichiwa.coalesce import CoalescedReads, Memo
 from konnichiwa.errors import Problem
-from konnichiwa.postgres import pg_pool
+from konnichiwa.postgres import pg_pool, reading
 from konnichiwa.redis_store import COMMAND_TIMEOUT, LuaScript, connect, redis_client
 from konnichiwa.schemas import (
     AuditBacklog,
@@ -70,7 +70,6 @@ RETRY_MAX_DELAY: Final = 2.0
 # Persisted entries the outbox keeps after the unpersisted ones: the newest pages of /logs (ten
 # pages of the largest limit) are then read from Redis alone. ~200 bytes of Redis memory each.
 OUTBOX_KEPT: Final = 1000
-PAGE_TIMEOUT: Final = 2.0  # a /logs query to Postgres
 SLOW_BATCH_SECONDS: Final = 0.5
 LOG_PAGES_KEPT: Final = 256
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -379,7 +378,8 @@ async def read_page(pool: asyncpg.Pool, high: int, low: int) -> list[AuditEntry]
     """Rows low < seq <= high, newest first: a range scan on the dense sequence, no OFFSET."""
     if high <= low:
         return []
-    rows = await pool.fetch(PAGE, high, low, timeout=PAGE_TIMEOUT)
+    async with reading(pool) as conn:
+        rows = await conn.fetch(PAGE, high, low)
     return [
         AuditEntry(
             id=row["seq"],

@@ -7,22 +7,30 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
+import asyncpg
 from aiohttp import web
 
 from konnichiwa.audit import audit_backlog
+from konnichiwa.coalesce import TtlCache
 from konnichiwa.errors import Problem
-from konnichiwa.postgres import pg_pool
+from konnichiwa.postgres import pg_pool, reading
 from konnichiwa.redis_store import redis_client
 from konnichiwa.schemas import AuditBacklog, DependencyCheck, Readiness, json_response
 from konnichiwa.state import state_keys
 
 # Both checks run at once, so the probe answers within about this long even if a server hangs.
 CHECK_TIMEOUT: Final = 0.8
+# Every probe within this long of a check gets its answer: a burst of probes (load balancers,
+# orchestrators, monitors, the capacity sampler) costs one check per worker, never a Postgres
+# connection each.
+FRESH_FOR: Final = 0.5
 # Postgres lagging this far behind is worth an operator's look, not a reason to stop traffic:
 # updates keep succeeding into the outbox while it catches up.
 DEGRADED_AFTER: Final = 10.0
 
 _T = TypeVar("_T")
+Report = tuple[dict[str, DependencyCheck], AuditBacklog | None]
+dependency_checks = web.AppKey("dependency_checks", TtlCache[None, Report])
 
 
 async def health(request: web.Request) -> web.Response:
@@ -35,15 +43,16 @@ async def check_dependency(
 ) -> tuple[DependencyCheck, _T | None]:
     """Run one probe within CHECK_TIMEOUT: how it went and how long it took, and its result.
 
-    The probe is not cancelled on time-out, only left behind: asyncpg shields returning a
-    connection to its pool, so cancelling a query to a hung server would wait for the server.
+    A probe still running then is left behind, not cancelled (the Redis client's own time-out
+    ends it); the Postgres probe ends itself (postgres.reading).
     """
     started = time.perf_counter()
     task = asyncio.ensure_future(probe())
     done, _ = await asyncio.wait({task}, timeout=CHECK_TIMEOUT)
     detail: str | None = None
-    if not done:
-        task.add_done_callback(_forget)
+    if not done or isinstance(task.exception(), TimeoutError):
+        if not done:
+            task.add_done_callback(_forget)
         detail = f"no answer within {CHECK_TIMEOUT} s"
     elif (exc := task.exception()) is not None:
         reachable = not isinstance(exc, OSError | ConnectionError)
@@ -58,16 +67,29 @@ def _forget(task: asyncio.Future[Any]) -> None:
         task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
-async def check_dependencies(
-    app: web.Application,
-) -> tuple[dict[str, DependencyCheck], AuditBacklog | None]:
-    """Ask Redis and Postgres at once: each one's status and round-trip latency, and the audit
-    backlog (the Redis probe reads it; None when Redis does not answer)."""
+async def check_dependencies(app: web.Application) -> Report:
+    """Redis's and Postgres's status and round-trip latency, and the audit backlog (None when
+    Redis does not answer), as a check made at most FRESH_FOR seconds ago found them."""
+    cached = await app[dependency_checks].get(None, lambda: _ask_dependencies(app))
+    return cached.value
+
+
+async def _ask_dependencies(app: web.Application) -> Report:
+    """Ask Redis and Postgres at once (the Redis probe reads the backlog)."""
     (redis, backlog), (postgres, _) = await asyncio.gather(
         check_dependency(lambda: audit_backlog(app[redis_client], app[state_keys])),
-        check_dependency(lambda: app[pg_pool].fetchval("SELECT 1")),
+        check_dependency(lambda: _select_one(app[pg_pool])),
     )
     return {"redis": redis, "postgres": postgres}, backlog
+
+
+async def _select_one(pool: asyncpg.Pool) -> None:
+    async with reading(pool, CHECK_TIMEOUT) as conn:
+        await conn.fetchval("SELECT 1")
+
+
+def setup_health(app: web.Application) -> None:
+    app[dependency_checks] = TtlCache(FRESH_FOR, 0.0, outages=())
 
 
 async def ready(request: web.Request) -> web.Response:

@@ -1,8 +1,10 @@
-"""The Postgres pool of a worker and the versioned schema migrations it applies at start-up."""
+"""The Postgres pool of a worker, its bounded reads, and the versioned schema migrations it applies
+at start-up."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -23,6 +25,12 @@ pg_pool = web.AppKey("pg_pool", asyncpg.Pool)
 MIGRATION_LOCK: Final = 0x6B6F6E6E6963
 _MIGRATION_NAME: Final = re.compile(r"(?P<version>\d{4})_(?P<name>\w+)\.sql")
 POOL_CLOSE_TIMEOUT: Final = 5.0
+# A request's read, from asking the pool for a connection to the last row: longer means Postgres
+# is stalled or saturated, and the request is better off with a 503 at once.
+READ_TIMEOUT: Final = 1.0
+# Postgres itself stops any statement of the pool's after this long (a read the client gave up
+# on keeps running on the server otherwise); the consumer's batches take milliseconds.
+STATEMENT_TIMEOUT: Final = "5s"
 
 
 class Migration(NamedTuple):
@@ -47,6 +55,7 @@ async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[int]:
     the second finds everything applied and does nothing.
     """
     async with conn.transaction():
+        await conn.execute("SET LOCAL statement_timeout = 0")  # a migration may take long
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -77,6 +86,31 @@ async def keep_session(conn: asyncpg.Connection) -> None:
     transaction left open before calling this."""
 
 
+@contextlib.asynccontextmanager
+async def reading(
+    pool: asyncpg.Pool, within: float = READ_TIMEOUT
+) -> AsyncIterator[PoolConnectionProxy]:
+    """A connection for one read, acquired and done with within `within` seconds, else
+    TimeoutError (a 503).
+
+    A read cut short terminates its connection instead of returning it: asyncpg would first
+    cancel the query by asking the server, and a hung server never answers, so the request
+    would wait for it after all.
+    """
+    connection: PoolConnectionProxy | None = None
+    try:
+        async with asyncio.timeout(within):
+            connection = await pool.acquire()
+            yield connection
+    except (TimeoutError, asyncio.CancelledError):
+        if connection is not None:
+            connection.terminate()
+        raise
+    finally:
+        if connection is not None:
+            await pool.release(connection)  # at once if terminated
+
+
 async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open this worker's pool, bring the schema up to date, close the pool on shutdown."""
     pool = await asyncpg.create_pool(
@@ -86,6 +120,7 @@ async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout=5,
         command_timeout=10,
         reset=keep_session,
+        server_settings={"statement_timeout": STATEMENT_TIMEOUT},
     )
     async with pool.acquire() as conn:
         await migrate(conn)  # also the start-up smoke call: fails fast on a wrong URL

@@ -11,7 +11,7 @@ from email_validator import EmailNotValidError, validate_email
 from konnichiwa.coalesce import CoalescedReads
 from konnichiwa.errors import FieldError, Problem, validation_problem
 from konnichiwa.idempotency import idempotent
-from konnichiwa.postgres import pg_pool
+from konnichiwa.postgres import pg_pool, reading
 from konnichiwa.schemas import (
     NewUser,
     PageQuery,
@@ -74,7 +74,8 @@ async def create_user(pool: asyncpg.Pool, new: NewUser) -> User:
 
 async def list_users(pool: asyncpg.Pool, query: PageQuery) -> UsersPage:
     skip = min((query.page - 1) * query.limit, SKIP_MAX)
-    rows = await pool.fetch(PAGE, skip, query.limit)
+    async with reading(pool) as conn:
+        rows = await conn.fetch(PAGE, skip, query.limit)
     total: int = rows[0]["total"]
     users = [_user(row) for row in rows if row["id"] is not None]
     return UsersPage(users, query.page, query.limit, total, query.pages(total))
@@ -116,7 +117,8 @@ async def show(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
     row = None
     if raw.isascii() and raw.isdigit() and len(raw) < 19:
-        row = await request.app[pg_pool].fetchrow(BY_ID, int(raw))
+        async with reading(request.app[pg_pool]) as conn:
+            row = await conn.fetchrow(BY_ID, int(raw))
     if row is None:
         raise Problem(404, "Not Found", f"There is no user {raw!r}.")
     return json_response(_user(row))

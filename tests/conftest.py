@@ -23,7 +23,7 @@ from pytest_aiohttp import AiohttpClient
 
 from konnichiwa.app import create_app
 from konnichiwa.auth import SCOPES, ApiKey
-from konnichiwa.embedded import embedded_stack
+from konnichiwa.embedded import embedded_stack, postgres_server
 from konnichiwa.postgres import migrate
 from konnichiwa.settings import Settings
 from tests.support import (
@@ -34,6 +34,7 @@ from tests.support import (
     create_database,
     database_url_for,
     free_port,
+    pid_from_file,
 )
 
 TEMPLATE_DATABASE = "konnichiwa_template"
@@ -58,6 +59,15 @@ def _server_directory() -> Iterator[Path]:
 def server_dir() -> Iterator[Path]:
     with _server_directory() as path:
         yield path
+
+
+@pytest.fixture
+def own_postgres(server_dir: Path) -> Iterator[tuple[str, int]]:
+    """A PostgreSQL server of this test's own, to pause without disturbing other tests: its
+    service database's URL and the postmaster's pid."""
+    pgdata = server_dir / "postgres"
+    with postgres_server(pgdata) as url:
+        yield url, pid_from_file(pgdata / "postmaster.pid")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import asyncpg
 import psutil
 import redis
 
+from konnichiwa.health import FRESH_FOR
 from tests.support import ServiceProcess, http_get, paused, pid_from_file, running_service
 
 
@@ -117,6 +118,7 @@ async def test_sigterm_drains_in_flight_requests(
             assert len(service.workers()) == 2
             # Readiness checks to a frozen Redis take 0.8 s: they are in flight at SIGTERM.
             with paused(pid_from_file(tmp_path / "valkey" / "valkey.pid")):
+                await asyncio.sleep(FRESH_FOR)  # no answer of a check from before the freeze
                 connector = aiohttp.TCPConnector(limit=0, force_close=True)
                 async with aiohttp.ClientSession(connector=connector) as session:
                     in_flight = [

@@ -16,7 +16,7 @@ from konnichiwa.auth import SCOPES, ApiKey
 from konnichiwa.logs import configure_logging
 from konnichiwa.monitor import add_arguments as add_monitor_arguments
 from konnichiwa.monitor import run as run_monitor
-from konnichiwa.postgres import migrate
+from konnichiwa.postgres import claim_database, migrate
 from konnichiwa.settings import Settings, SettingsError
 
 DEV_KEY_FILE = "api-key"
@@ -100,6 +100,7 @@ def serve(settings: Settings) -> int:
     from konnichiwa.server import Supervisor  # noqa: PLC0415  (keeps `migrate` light)
 
     with _servers(settings) as running:
+        asyncio.run(claim_database(running))  # a refusal stops here, before any worker starts
         return Supervisor(_with_dev_key(running)).run()
 
 

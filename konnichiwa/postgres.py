@@ -1,5 +1,5 @@
-"""The Postgres pool of a worker, its bounded reads, and the versioned schema migrations it applies
-at start-up."""
+"""The Postgres pool of a worker: bounded reads, the schema migrations it applies at start-up, and
+the check that the database belongs to this deployment (environment and Redis)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Final, NamedTuple
@@ -14,8 +15,11 @@ from typing import Final, NamedTuple
 import asyncpg
 from aiohttp import web
 from asyncpg.pool import PoolConnectionProxy
+from redis.asyncio import Redis
 
-from konnichiwa.settings import settings_key
+from konnichiwa.redis_store import connect, key_prefix, redis_client
+from konnichiwa.settings import Settings, SettingsError, settings_key
+from konnichiwa.state import StateKeys
 
 log = logging.getLogger("konnichiwa.postgres")
 
@@ -48,15 +52,36 @@ def migrations() -> list[Migration]:
     return sorted(found)
 
 
-async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[int]:
+class Deployment(NamedTuple):
+    """Who may use a database: one environment and one Redis, which holds the deployment's id
+    under `key` as the database does (migration 0007)."""
+
+    environment: str
+    redis: Redis
+
+    @property
+    def key(self) -> str:
+        return f"{key_prefix(self.environment)}:deployment"
+
+
+class DeploymentMismatch(SettingsError):
+    """DATABASE_URL and ENVIRONMENT or REDIS_URL name parts of different deployments."""
+
+
+async def migrate(
+    conn: asyncpg.Connection | PoolConnectionProxy, deployment: Deployment | None = None
+) -> list[int]:
     """Apply the migrations this database lacks, in one transaction; return the versions applied.
 
     The advisory lock makes concurrent callers (several workers starting at once) take turns;
-    the second finds everything applied and does nothing.
+    the second finds everything applied and does nothing. With a `deployment`, the database is
+    first checked to belong to it (DeploymentMismatch, and nothing written, if not) and bound to
+    it at its first start.
     """
     async with conn.transaction():
         await conn.execute("SET LOCAL statement_timeout = 0")  # a migration may take long
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        binding = None if deployment is None else await claim(conn, deployment)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version integer PRIMARY KEY,
@@ -75,9 +100,70 @@ async def migrate(conn: asyncpg.Connection | PoolConnectionProxy) -> list[int]:
                 migration.name,
             )
             applied.append(migration.version)
+        if deployment is not None and binding is not None:
+            await bind(conn, deployment, binding)
     if applied:
         log.info("applied migrations %s", applied)
     return applied
+
+
+async def claim(
+    conn: asyncpg.Connection | PoolConnectionProxy, deployment: Deployment
+) -> str | None:
+    """Check that the database may serve `deployment` (DeploymentMismatch if not); the id to
+    bind it to when it belongs to no deployment yet. Reads only."""
+    bound = None
+    if await conn.fetchval("SELECT to_regclass('deployment') IS NOT NULL"):
+        bound = await conn.fetchrow("SELECT environment, id FROM deployment")
+    environment, redis = deployment.environment, deployment.redis
+    if bound is not None and bound["environment"] != environment:
+        raise DeploymentMismatch(
+            f"DATABASE_URL is the database of the {bound['environment']} environment, not of "
+            f"ENVIRONMENT={environment}: refusing to start (nothing was written)"
+        )
+    held = _text(await redis.get(deployment.key))
+    if bound is None:
+        # A Redis with an id but no state is one whose first start stopped before the commit.
+        if held is not None and await redis.exists(StateKeys(environment).state):
+            raise DeploymentMismatch(
+                f"REDIS_URL holds the state of deployment {held} ({environment}) but "
+                "DATABASE_URL is a database of no deployment yet: refusing to start (nothing "
+                "was written)"
+            )
+        return held or uuid.uuid4().hex
+    if held != bound["id"]:
+        raise DeploymentMismatch(
+            f"REDIS_URL holds {f'deployment {held}' if held else 'no deployment id'} but "
+            f"DATABASE_URL is the database of deployment {bound['id']} ({environment}): "
+            "refusing to start (nothing was written). If this Redis replaces that deployment's "
+            f"(whose data was lost), give it the id first: SET {deployment.key} {bound['id']}"
+        )
+    return None
+
+
+async def bind(
+    conn: asyncpg.Connection | PoolConnectionProxy, deployment: Deployment, binding: str
+) -> None:
+    """Record `binding` in the database (in the caller's transaction), then in Redis."""
+    await conn.execute(
+        "INSERT INTO deployment (environment, id) VALUES ($1, $2)",
+        deployment.environment,
+        binding,
+    )
+    # Redis last, just before the commit: were the commit to fail, the next start finds this id
+    # in a Redis without state and takes it (see claim).
+    before = _text(await deployment.redis.set(deployment.key, binding, nx=True, get=True))
+    if before not in (None, binding):
+        raise DeploymentMismatch(
+            f"REDIS_URL was just bound to deployment {before} by another start: refusing to "
+            "start (nothing was written)"
+        )
+    log.info("bound the database to deployment %s (%s)", binding, deployment.environment)
+
+
+def _text(reply: object) -> str | None:
+    """A Redis reply as text; None for none (the client returns bytes)."""
+    return reply.decode() if isinstance(reply, bytes) else None
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:
@@ -113,8 +199,9 @@ async def reading(
 
 async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open this worker's pool, bring the schema up to date, close the pool on shutdown."""
+    settings = app[settings_key]
     pool = await asyncpg.create_pool(
-        app[settings_key].require("database_url"),
+        settings.require("database_url"),
         min_size=2,
         max_size=10,
         timeout=5,
@@ -123,7 +210,8 @@ async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
         server_settings={"statement_timeout": STATEMENT_TIMEOUT},
     )
     async with pool.acquire() as conn:
-        await migrate(conn)  # also the start-up smoke call: fails fast on a wrong URL
+        # Also the start-up smoke call: fails fast on a wrong URL.
+        await migrate(conn, Deployment(settings.environment, app[redis_client]))
     app[pg_pool] = pool
     yield
     try:
@@ -131,3 +219,17 @@ async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
             await pool.close()
     except TimeoutError:
         pool.terminate()
+
+
+async def claim_database(settings: Settings) -> list[int]:
+    """Migrate the database and check (or record) its deployment once, before any worker
+    starts: a refusal is then one line and exit code 2, not a worker's traceback."""
+    redis = connect(settings.require("redis_url"))
+    try:
+        conn = await asyncpg.connect(settings.require("database_url"))
+        try:
+            return await migrate(conn, Deployment(settings.environment, redis))
+        finally:
+            await conn.close()
+    finally:
+        await redis.aclose()

@@ -11,7 +11,6 @@ import asyncpg
 from aiohttp import web
 
 from konnichiwa.audit import audit_backlog
-from konnichiwa.coalesce import TtlCache
 from konnichiwa.errors import Problem
 from konnichiwa.postgres import pg_pool, reading
 from konnichiwa.redis_store import redis_client
@@ -20,9 +19,9 @@ from konnichiwa.state import state_keys
 
 # Both checks run at once, so the probe answers within about this long even if a server hangs.
 CHECK_TIMEOUT: Final = 0.8
-# Every probe within this long of a check gets its answer: a burst of probes (load balancers,
-# orchestrators, monitors, the capacity sampler) costs one check per worker, never a Postgres
-# connection each.
+# A probe gets the answer of a check started at most this long before it: a burst of probes (load
+# balancers, orchestrators, monitors, the capacity sampler) costs one check per worker, never a
+# Postgres connection each.
 FRESH_FOR: Final = 0.5
 # Postgres lagging this far behind is worth an operator's look, not a reason to stop traffic:
 # updates keep succeeding into the outbox while it catches up.
@@ -30,7 +29,26 @@ DEGRADED_AFTER: Final = 10.0
 
 _T = TypeVar("_T")
 Report = tuple[dict[str, DependencyCheck], AuditBacklog | None]
-dependency_checks = web.AppKey("dependency_checks", TtlCache[None, Report])
+
+
+class SharedCheck:
+    """A dependency check shared by every probe that arrives within FRESH_FOR of its start."""
+
+    __slots__ = ("_check", "_latest", "_started")
+
+    def __init__(self, check: Callable[[], Awaitable[Report]]) -> None:
+        self._check = check
+        self._started = 0.0
+        self._latest: asyncio.Future[Report] | None = None
+
+    async def get(self) -> Report:
+        now = time.monotonic()
+        if self._latest is None or now - self._started >= FRESH_FOR:
+            self._started, self._latest = now, asyncio.ensure_future(self._check())
+        return await asyncio.shield(self._latest)  # a probe that gives up leaves it running
+
+
+dependency_checks = web.AppKey("dependency_checks", SharedCheck)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -69,9 +87,8 @@ def _forget(task: asyncio.Future[Any]) -> None:
 
 async def check_dependencies(app: web.Application) -> Report:
     """Redis's and Postgres's status and round-trip latency, and the audit backlog (None when
-    Redis does not answer), as a check made at most FRESH_FOR seconds ago found them."""
-    cached = await app[dependency_checks].get(None, lambda: _ask_dependencies(app))
-    return cached.value
+    Redis does not answer), as a check started at most FRESH_FOR seconds ago found them."""
+    return await app[dependency_checks].get()
 
 
 async def _ask_dependencies(app: web.Application) -> Report:
@@ -89,7 +106,7 @@ async def _select_one(pool: asyncpg.Pool) -> None:
 
 
 def setup_health(app: web.Application) -> None:
-    app[dependency_checks] = TtlCache(FRESH_FOR, 0.0, outages=())
+    app[dependency_checks] = SharedCheck(lambda: _ask_dependencies(app))
 
 
 async def ready(request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ from aiohttp.typedefs import Handler
 
 from konnichiwa.auth import Scope
 from konnichiwa.endpoint import endpoint
+from konnichiwa.health import FRESH_FOR
 from konnichiwa.metrics import route_labels
 from konnichiwa.scoreboard import worker_slot
 
@@ -69,13 +70,20 @@ async def create_database(admin_url: str, name: str) -> None:
 
 async def drained_readiness(url: str, within: float) -> dict[str, object] | None:
     """The readiness answer of the service at `url` once its audit backlog is empty (Postgres
-    holds every change; its consumers run meanwhile), or None if that took over `within` s."""
+    holds every change; its consumers run meanwhile), or None if that took over `within` s.
+
+    Only an answer asked for FRESH_FOR after the call counts: an earlier one may be a check's
+    from before the changes the caller waits for.
+    """
+    fresh_from = time.monotonic() + FRESH_FOR
     deadline = time.monotonic() + within
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
+            asked = time.monotonic()
             async with session.get(url + "/health/ready") as reply:
                 body: dict[str, object] = await reply.json() if reply.status == 200 else {}
-            if body.get("audit_backlog") == {"entries": 0, "oldest_age_seconds": 0.0}:
+            drained = body.get("audit_backlog") == {"entries": 0, "oldest_age_seconds": 0.0}
+            if drained and asked >= fresh_from:
                 return body
             await asyncio.sleep(0.02)
     return None

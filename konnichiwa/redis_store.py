@@ -19,7 +19,7 @@ redis_client = web.AppKey("redis_client", Redis)
 _I = TypeVar("_I")
 _O = TypeVar("_O")
 
-CONNECT_TIMEOUT: Final = 1.0
+CONNECT_TIMEOUT: Final = 2.0  # a new connection: also at start-up, when the machine is busiest
 # A command that takes longer than this means Redis is in trouble: fail with a 503, never hang.
 # Every command the service sends takes well under a millisecond of Redis's time.
 COMMAND_TIMEOUT: Final = 1.0

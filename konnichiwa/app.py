@@ -21,7 +21,7 @@ from konnichiwa.routes import aws_services, routes_for, setup_routes
 from konnichiwa.scoreboard import Scoreboard, scoreboard, worker_slot
 from konnichiwa.settings import Settings, settings_key
 from konnichiwa.state import setup_state
-from konnichiwa.users import setup_users
+from konnichiwa.users import setup_users, users_ctx
 
 # aiohttp names itself and its version in every Server header, including the ones it writes for
 # requests it cannot parse; one neutral name everywhere says nothing an attacker can use.
@@ -60,7 +60,9 @@ def create_app(
     services: set[AwsService] = set(aws_services(routes))
     if settings.api_key_secret_id is not None:
         services.add("secretsmanager")
-    app.cleanup_ctx.extend([redis_ctx, pg_ctx, audit_writer_ctx, capacity_ctx, aws_ctx(services)])
+    app.cleanup_ctx.extend(
+        [redis_ctx, pg_ctx, users_ctx, audit_writer_ctx, capacity_ctx, aws_ctx(services)]
+    )
     if settings.api_key_secret_id is not None:
         app.cleanup_ctx.append(api_key_refresh_ctx)
     setup_routes(app, settings.service_name)

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Final
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Final, NamedTuple
 
 import asyncpg
 from aiohttp import web
 from email_validator import EmailNotValidError, validate_email
 
+from konnichiwa.background import running
 from konnichiwa.coalesce import CoalescedReads
-from konnichiwa.errors import FieldError, Problem, validation_problem
-from konnichiwa.idempotency import idempotent
+from konnichiwa.errors import DEPENDENCY_ERRORS, FieldError, Problem, validation_problem
+from konnichiwa.idempotency import (
+    KEEP_SECONDS,
+    KEY_REUSED,
+    REPLAYED,
+    IdempotencyRecord,
+    record_for,
+)
 from konnichiwa.postgres import pg_pool, reading
 from konnichiwa.schemas import (
     NewUser,
@@ -24,6 +34,8 @@ from konnichiwa.schemas import (
     person_name,
     rfc3339,
 )
+
+log = logging.getLogger("konnichiwa.users")
 
 INSERT_USER: Final = """
 WITH slot AS (UPDATE user_count SET total = total + 1 RETURNING total)
@@ -40,6 +52,23 @@ ORDER BY u.position DESC
 """
 SKIP_MAX: Final = 2**62  # any page past the end is empty; this keeps the offset a bigint
 BY_ID: Final = "SELECT id, name, email, created_at FROM users WHERE id = $1"
+# Take an Idempotency-Key (or one kept longer than $3 seconds): true if taken. A request holding
+# the same key in an open transaction makes this wait until it ends.
+CLAIM_KEY: Final = """
+INSERT INTO idempotency_records AS r (key, fingerprint) VALUES ($1, $2)
+ON CONFLICT (key) DO UPDATE
+    SET fingerprint = EXCLUDED.fingerprint, body = '', location = '', created_at = now()
+    WHERE r.created_at < now() - make_interval(secs => $3)
+RETURNING true
+"""
+KEPT_ANSWER: Final = "SELECT fingerprint, body, location FROM idempotency_records WHERE key = $1"
+KEEP_ANSWER: Final = "UPDATE idempotency_records SET body = $2, location = $3 WHERE key = $1"
+FORGET_EXPIRED: Final = """
+DELETE FROM idempotency_records WHERE key IN (
+    SELECT key FROM idempotency_records
+    WHERE created_at < now() - make_interval(secs => $1) LIMIT 10000)
+"""
+FORGET_EVERY: Final = 60.0
 
 
 def email_address(raw: str) -> str:
@@ -55,12 +84,39 @@ def _user(row: asyncpg.Record) -> User:
     return User(row["id"], row["name"], row["email"], rfc3339(row["created_at"]))
 
 
-async def create_user(pool: asyncpg.Pool, new: NewUser) -> User:
-    """Insert a user; a 409 problem when the email is taken, whatever its letter case."""
+class Created(NamedTuple):
+    """A new user's answer: its JSON and URL; `replayed` when it is a retry's first answer."""
+
+    body: bytes
+    location: str
+    replayed: bool = False
+
+
+async def create_user(
+    pool: asyncpg.Pool, new: NewUser, record: IdempotencyRecord | None = None
+) -> Created:
+    """Insert a user; a 409 problem when the email is taken, whatever its letter case.
+
+    With an Idempotency-Key's `record`, the answer is kept in the same transaction as the user,
+    and a request whose key was used before gets the first answer (or a 422 for another body).
+    """
     name, email = person_name(new.name), email_address(new.email)
     try:
         async with pool.acquire() as conn, conn.transaction():
+            if record is not None and not await conn.fetchval(
+                CLAIM_KEY, record.key, record.fingerprint, KEEP_SECONDS
+            ):
+                kept = await conn.fetchrow(KEPT_ANSWER, record.key)
+                assert kept is not None  # noqa: S101  (the claim found it, locked)
+                if kept["fingerprint"] != record.fingerprint:
+                    raise KEY_REUSED
+                return Created(kept["body"], kept["location"], replayed=True)
             row = await conn.fetchrow(INSERT_USER, name, email)
+            assert row is not None  # noqa: S101  (INSERT ... RETURNING returns the row)
+            user = _user(row)
+            created = Created(encode(user), f"/users/{user.id}")
+            if record is not None:
+                await conn.execute(KEEP_ANSWER, record.key, created.body, created.location)
     except asyncpg.UniqueViolationError:
         raise Problem(
             409,
@@ -68,8 +124,7 @@ async def create_user(pool: asyncpg.Pool, new: NewUser) -> User:
             "A user with this email address exists already.",
             type="/problems/duplicate-email",
         ) from None
-    assert row is not None  # noqa: S101  (INSERT ... RETURNING returns the row)
-    return _user(row)
+    return created
 
 
 async def list_users(pool: asyncpg.Pool, query: PageQuery) -> UsersPage:
@@ -84,13 +139,10 @@ async def list_users(pool: asyncpg.Pool, query: PageQuery) -> UsersPage:
 async def create(request: web.Request) -> web.Response:
     """Register a user. Duplicate email (any letter case): 409."""
     new = await decode_body(request, NewUser)
-    pool = request.app[pg_pool]
-
-    async def insert() -> web.Response:
-        user = await create_user(pool, new)
-        return json_response(user, status=201, headers={"Location": f"/users/{user.id}"})
-
-    return await idempotent(request, new, insert)
+    record = record_for(request, new, "user")
+    created = await create_user(request.app[pg_pool], new, record)
+    headers = {"Location": created.location, **(REPLAYED if created.replayed else {})}
+    return json_response(created.body, status=201, headers=headers)
 
 
 # Concurrent requests for one page share a query that started after they arrived, and its
@@ -103,6 +155,22 @@ async def index(request: web.Request) -> web.Response:
     """Users, newest first."""
     query = convert_query(request.query, PageQuery)
     return json_response(await request.app[user_pages].get((query.page, query.limit)))
+
+
+async def forget_expired_answers(pool: asyncpg.Pool) -> None:
+    """Delete kept answers older than KEEP_SECONDS, a bounded batch a minute, for ever."""
+    while True:
+        await asyncio.sleep(FORGET_EVERY)
+        try:
+            await pool.execute(FORGET_EXPIRED, KEEP_SECONDS)
+        except DEPENDENCY_ERRORS as exc:  # Postgres is down: next time
+            log.info("expired Idempotency-Key answers not deleted: %r", exc)
+
+
+async def users_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep the kept answers of POST /user within their time while the worker serves."""
+    async with running(forget_expired_answers(app[pg_pool]), "forget-expired-answers"):
+        yield
 
 
 def setup_users(app: web.Application) -> None:

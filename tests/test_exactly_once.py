@@ -1,4 +1,4 @@
-"""Exactly once under crashes and stalls: retried updates apply once, whatever fails meanwhile."""
+"""Exactly once under crashes and stalls: a retried request applies once, whatever fails."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 import asyncpg
@@ -28,7 +29,7 @@ from tests.support import (
     running_service,
 )
 
-CLIENTS = 24
+UPDATE_CLIENTS, USER_CLIENTS = 20, 4
 STALLS = 3  # Redis paused this many times, 2 s each
 KILLS = 4  # workers killed with SIGKILL
 RETRY_PAUSE = 0.05
@@ -58,32 +59,50 @@ class Tally:
     """What the clients saw: definite answers by key, and every other outcome by kind."""
 
     def __init__(self) -> None:
-        self.applied: dict[str, int] = {}  # key -> the seq its first answer named
+        self.applied: dict[str, int] = {}  # key -> the seq or user id its first answer named
         self.replayed = 0
         self.retries: Counter[str] = Counter()
 
 
-async def update_until_definite(
-    session: aiohttp.ClientSession, urls: list[str], key: str, tally: Tally
+async def until_definite(
+    session: aiohttp.ClientSession, urls: list[str], request: Request, tally: Tally
 ) -> None:
-    """POST one increment with its Idempotency-Key, on either server, until a 200."""
+    """POST a request with its Idempotency-Key, on either server in turn, until it succeeds."""
+    path, body, key, identity = request
     headers = {**FULL_AUTH, "Idempotency-Key": key}
     for attempt in range(10_000):
         url = urls[(hash(key) + attempt) % len(urls)]
         try:
-            async with session.post(url + "/update", json={"increment": 1}, headers=headers) as r:
-                body = await r.json(content_type=None)
-                if r.status == 200:
-                    tally.replayed += r.headers.get("Idempotent-Replayed") == "true"
-                    seq = body["seq"]
-                    assert tally.applied.setdefault(key, seq) == seq, "two answers for one key"
+            async with session.post(url + path, json=body, headers=headers) as reply:
+                answer = await reply.json(content_type=None)
+                if reply.status in (200, 201):
+                    tally.replayed += reply.headers.get("Idempotent-Replayed") == "true"
+                    first = tally.applied.setdefault(key, answer[identity])
+                    assert first == answer[identity], "two answers for one key"
                     return
-                assert r.status in (409, 429, 503), (r.status, body)
-                tally.retries[body.get("type", str(r.status))] += 1
+                assert reply.status in (429, 503), (reply.status, answer)
+                tally.retries[answer.get("type", str(reply.status))] += 1
         except (aiohttp.ClientError, TimeoutError) as exc:
             tally.retries[type(exc).__name__] += 1
         await asyncio.sleep(RETRY_PAUSE)
     raise AssertionError(f"no definite answer for {key}")
+
+
+class Request(NamedTuple):
+    path: str
+    body: dict[str, object]
+    key: str
+    identity: str  # the answer's field naming what it made
+
+
+def update(number: int) -> Request:
+    return Request("/update", {"increment": 1}, f"update-{number}", "seq")
+
+
+def user(number: int) -> Request:
+    return Request(
+        "/user", {"name": "Yuki", "email": f"yuki{number}@example.jp"}, f"user-{number}", "id"
+    )
 
 
 async def chaos(services: list[ServiceProcess], valkey_pid: int) -> None:
@@ -108,7 +127,7 @@ async def clients() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def test_retried_updates_apply_exactly_once_through_kills_and_stalls(
+async def test_retried_requests_apply_exactly_once_through_kills_and_stalls(
     tmp_path: Path, valkey: tuple[str, Path], database_url: str
 ) -> None:
     redis_url, pidfile = valkey
@@ -120,13 +139,18 @@ async def test_retried_updates_apply_exactly_once_through_kills_and_stalls(
             faults = asyncio.create_task(chaos(services, pid_from_file(pidfile)))
             numbers = itertools.count()
 
-            async def client() -> None:  # new keys for as long as the faults go on
+            async def client(make: Callable[[int], Request]) -> None:  # while faults go on
                 while not faults.done():
-                    await update_until_definite(session, urls, f"k{next(numbers)}", tally)
+                    await until_definite(session, urls, make(next(numbers)), tally)
 
-            await asyncio.gather(*(client() for _ in range(CLIENTS)))
+            await asyncio.gather(
+                *(client(update) for _ in range(UPDATE_CLIENTS)),
+                *(client(user) for _ in range(USER_CLIENTS)),
+            )
             await faults
         took = time.monotonic() - started
+        for service in services:  # a killed worker's replacement may still be starting
+            await asyncio.to_thread(service.wait_until_serving)
         assert await drained_readiness(urls[0], within=30) is not None
 
     connection = redis.asyncio.Redis.from_url(redis_url)
@@ -137,16 +161,22 @@ async def test_retried_updates_apply_exactly_once_through_kills_and_stalls(
     database = await asyncpg.connect(database_url)
     try:
         rows = await database.fetch("SELECT seq, old_counter, new_counter FROM audit_log")
+        users = await database.fetch("SELECT id, email FROM users")
+        kept_answers = await database.fetchval("SELECT count(*) FROM idempotency_records")
     finally:
         await database.close()
 
-    updates = next(numbers)
-    print(f"{updates} updates in {took:.1f} s: {tally.replayed} replayed, retries {tally.retries}")
-    assert len(tally.applied) == updates  # every key got a definite answer
-    assert len(set(tally.applied.values())) == updates  # each its own change
-    assert int(state[b"counter"]) == updates  # 0 lost, 0 applied twice
-    assert int(state[b"seq"]) == updates
-    assert len(rows) == updates
-    assert {row["seq"] for row in rows} == set(tally.applied.values())
+    seqs = {seq for key, seq in tally.applied.items() if key.startswith("update")}
+    ids = {user_id for key, user_id in tally.applied.items() if key.startswith("user")}
+    print(
+        f"{len(seqs)} updates and {len(ids)} users in {took:.1f} s: {tally.replayed} replayed, "
+        f"retries {dict(tally.retries)}"
+    )
+    assert len(tally.applied) == next(numbers)  # every key got a definite answer
+    assert int(state[b"counter"]) == int(state[b"seq"]) == len(seqs)  # 0 lost, 0 twice
+    assert {row["seq"] for row in rows} == seqs
+    assert len(rows) == len(seqs)
     assert all(row["new_counter"] == row["old_counter"] + 1 for row in rows)
+    assert {row["id"] for row in users} == ids
+    assert len(users) == kept_answers == len(ids)
     assert sum(tally.retries.values()) > 0  # the faults were felt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import asyncpg
 import pytest
 import redis.asyncio
 
@@ -59,15 +60,12 @@ async def test_without_a_key_every_request_applies(client: Client) -> None:
 
 async def test_concurrent_duplicates_apply_once(client: Client) -> None:
     results = await asyncio.gather(*(_post(client, {"increment": 1}, "burst") for _ in range(50)))
-    statuses = [status for status, _, _ in results]
-    assert set(statuses) <= {200, 409}
-    applied = [r for r in results if r[0] == 200 and "Idempotent-Replayed" not in r[1]]
+    assert {status for status, _, _ in results} == {200}  # the others replay the first
+    applied = [r for r in results if "Idempotent-Replayed" not in r[1]]
     assert len(applied) == 1
     assert await _counter(client) == 1
     logs = await (await client.get("/logs")).json()
     assert logs["total"] == 1
-    in_use = [json.loads(body)["type"] for status, _, body in results if status == 409]
-    assert set(in_use) <= {"/problems/idempotency-key-in-use"}
 
 
 async def test_keys_belong_to_one_api_key(client: Client) -> None:
@@ -132,3 +130,55 @@ async def test_a_batch_with_one_key_twice_applies_it_once(redis_url: str) -> Non
     assert again == Applied(first.result, replayed=True)
     assert not first.replayed
     assert reused is KEY_REUSED
+
+
+async def _register(
+    client: Client, body: dict[str, str], key: str
+) -> tuple[int, dict[str, str], bytes]:
+    headers = {**FULL_AUTH, "Idempotency-Key": key}
+    response = await client.post("/user", json=body, headers=headers)
+    return response.status, dict(response.headers), await response.read()
+
+
+TARO = {"name": "Taro Yamada", "email": "taro@example.jp"}
+
+
+async def test_a_user_is_created_once_per_key(client: Client) -> None:
+    first = await _register(client, TARO, "user-1")
+    again = await _register(client, {"email": TARO["email"], "name": TARO["name"]}, "user-1")
+    assert first[0] == again[0] == 201
+    assert again[2] == first[2]
+    assert again[1]["Location"] == first[1]["Location"]
+    assert again[1]["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first[1]
+    other = await _register(client, {**TARO, "email": "jiro@example.jp"}, "user-1")
+    assert other[0] == 422
+    assert json.loads(other[2])["type"] == "/problems/idempotency-key-reused"
+    assert (await (await client.get("/users", headers=FULL_AUTH)).json())["total"] == 1
+
+
+async def test_concurrent_user_requests_with_one_key_create_one(client: Client) -> None:
+    """The second request waits on the first's transaction, then replays its answer."""
+    results = await asyncio.gather(*(_register(client, TARO, "burst") for _ in range(20)))
+    assert {status for status, _, _ in results} == {201}
+    assert len({body for _, _, body in results}) == 1
+    assert sum("Idempotent-Replayed" not in headers for _, headers, _ in results) == 1
+    assert (await (await client.get("/users", headers=FULL_AUTH)).json())["total"] == 1
+
+
+async def test_a_refused_user_keeps_nothing_and_an_expired_key_is_new(
+    client: Client, database_url: str
+) -> None:
+    await _register(client, TARO, "first")
+    assert (await _register(client, {**TARO, "name": "Jiro"}, "taken"))[0] == 409
+    database = await asyncpg.connect(database_url)
+    try:
+        assert await database.fetchval("SELECT count(*) FROM idempotency_records") == 1
+        await database.execute(
+            "UPDATE idempotency_records SET created_at = now() - interval '2 days'"
+        )
+    finally:
+        await database.close()
+    status, headers, _ = await _register(client, {**TARO, "email": "hanako@example.jp"}, "first")
+    assert status == 201
+    assert "Idempotent-Replayed" not in headers

@@ -40,6 +40,22 @@ KEY_REUSED: Final = Problem(
 )
 
 
+def outcome_unknown(store: str, change: str, keyed: bool) -> Problem:
+    """The answer when `store` may have made `change` but did not confirm it in time."""
+    retry = (
+        "A retry with the same Idempotency-Key is safe: it is applied at most once."
+        if keyed
+        else "Send it with an Idempotency-Key to retry it safely."
+    )
+    return Problem(
+        503,
+        "Service Unavailable",
+        f"{store} did not confirm {change} in time; it may have been made. {retry}",
+        type="/problems/outcome-unknown",
+        headers={"Retry-After": "1"},
+    )
+
+
 class IdempotencyRecord(NamedTuple):
     """Where a request's answer is kept, and the fingerprint a retry must match."""
 

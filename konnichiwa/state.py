@@ -21,7 +21,14 @@ from redis.asyncio import Redis
 
 from konnichiwa.coalesce import CoalescedRead
 from konnichiwa.errors import DEPENDENCY_ERRORS, FieldError, Problem, validation_problem
-from konnichiwa.idempotency import KEEP_SECONDS, KEY_REUSED, REPLAYED, IdempotencyRecord, record_for
+from konnichiwa.idempotency import (
+    KEEP_SECONDS,
+    KEY_REUSED,
+    REPLAYED,
+    IdempotencyRecord,
+    outcome_unknown,
+    record_for,
+)
 from konnichiwa.redis_store import (
     Batcher,
     LuaScript,
@@ -316,24 +323,8 @@ async def update(request: web.Request) -> web.Response:
     except DEPENDENCY_ERRORS as exc:
         if never_sent(exc):
             raise
-        raise outcome_unknown(record is not None) from exc
+        raise outcome_unknown("Redis", "the update", record is not None) from exc
     return json_response(applied.result, headers=REPLAYED if applied.replayed else None)
-
-
-def outcome_unknown(keyed: bool) -> Problem:
-    """The answer when Redis may have applied the change but did not say so in time."""
-    retry = (
-        "A retry with the same Idempotency-Key is safe: it is applied at most once."
-        if keyed
-        else "Send updates with an Idempotency-Key to retry them safely."
-    )
-    return Problem(
-        503,
-        "Service Unavailable",
-        f"Redis did not confirm the update in time; it may have been applied. {retry}",
-        type="/problems/outcome-unknown",
-        headers={"Retry-After": "1"},
-    )
 
 
 def setup_state(app: web.Application) -> None:

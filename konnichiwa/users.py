@@ -19,6 +19,7 @@ from konnichiwa.idempotency import (
     KEY_REUSED,
     REPLAYED,
     IdempotencyRecord,
+    outcome_unknown,
     record_for,
 )
 from konnichiwa.postgres import pg_pool, reading
@@ -69,6 +70,8 @@ DELETE FROM idempotency_records WHERE key IN (
     WHERE created_at < now() - make_interval(secs => $1) LIMIT 10000)
 """
 FORGET_EVERY: Final = 60.0
+# A registration from asking for a connection to the commit: a stalled Postgres is a 503 soon.
+WRITE_TIMEOUT: Final = 2.0
 
 
 def email_address(raw: str) -> str:
@@ -101,8 +104,9 @@ async def create_user(
     and a request whose key was used before gets the first answer (or a 422 for another body).
     """
     name, email = person_name(new.name), email_address(new.email)
+    committing = False
     try:
-        async with pool.acquire() as conn, conn.transaction():
+        async with reading(pool, WRITE_TIMEOUT) as conn, conn.transaction():
             if record is not None and not await conn.fetchval(
                 CLAIM_KEY, record.key, record.fingerprint, KEEP_SECONDS
             ):
@@ -117,6 +121,11 @@ async def create_user(
             created = Created(encode(user), f"/users/{user.id}")
             if record is not None:
                 await conn.execute(KEEP_ANSWER, record.key, created.body, created.location)
+            committing = True  # leaving the block commits
+    except DEPENDENCY_ERRORS as exc:
+        if committing:  # Postgres may have committed without saying so
+            raise outcome_unknown("Postgres", "the new user", record is not None) from exc
+        raise  # rolled back: a plain 503
     except asyncpg.UniqueViolationError:
         raise Problem(
             409,

@@ -74,22 +74,24 @@ SLOW_BATCH_SECONDS: Final = 0.5
 LOG_PAGES_KEPT: Final = 256
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
-# After a batch is in Postgres, in one round trip: publish the watermark (it only moves forward),
-# acknowledge the batch's entries, trim the stream to the newest ARGV[5] entries Postgres holds,
-# and read the next batch for the consumer (ARGV: watermark, group, consumer, how many to read,
-# how many to keep, then the IDs) — it never blocks: with nothing new the reply is empty and the
-# consumer waits in XREADGROUP. Trimming is approximate (whole stream nodes): it may keep more.
+# After a batch is in Postgres, in one round trip: acknowledge the batch's entries, trim the
+# stream to the newest ARGV[5] entries Postgres holds, publish the watermark (it only moves
+# forward), and read the next batch for the consumer (ARGV: watermark, group, consumer, how many
+# to read, how many to keep, then the IDs) — it never blocks: with nothing new the reply is empty
+# and the consumer waits in XREADGROUP. Trimming is approximate (whole stream nodes): it may keep
+# more. XACK comes first: a Redis at maxmemory refuses a script whose first write may grow
+# memory (HSET), while XACK and XTRIM only free it, so a full Redis still drains.
 FINISH_BATCH: Final = LuaScript("""
 local upto = tonumber(ARGV[1])
-if upto > tonumber(redis.call('HGET', KEYS[1], 'persisted') or '0') then
-  redis.call('HSET', KEYS[1], 'persisted', ARGV[1])
-end
 if #ARGV > 5 then
   redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 6))
 end
 local below = upto + 1 - tonumber(ARGV[5])
 if below > 1 then
   redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', below))
+end
+if upto > tonumber(redis.call('HGET', KEYS[1], 'persisted') or '0') then
+  redis.call('HSET', KEYS[1], 'persisted', ARGV[1])
 end
 if tonumber(ARGV[4]) > 0 then
   local reply = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[3], 'COUNT', ARGV[4],

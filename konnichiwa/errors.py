@@ -114,6 +114,18 @@ DEPENDENCY_ERRORS: Final = (
 )
 
 
+# Redis refusing a write for lack of memory (maxmemory reached; the policy is noeviction, so it
+# never drops state to make room): definite, nothing of the request was written.
+REDIS_FULL: Final = Problem(
+    503,
+    "Service Unavailable",
+    "Redis is out of memory (maxmemory reached), so the change was not applied. Reads still "
+    "work; try the change again later.",
+    type="/problems/store-full",
+    headers={"Retry-After": "30"},
+)
+
+
 def unavailable() -> web.Response:
     return Problem(
         503,

@@ -141,9 +141,25 @@ resource "aws_elasticache_subnet_group" "main" {
   subnet_ids = aws_subnet.private[*].id
 }
 
+# Never evict: the state, the audit outbox and the idempotency records are data, not a cache
+# (ElastiCache's default groups evict keys that have a TTL, volatile-lru). ElastiCache sets
+# maxmemory from the node type; a full node refuses writes, which the service answers with a
+# 503, and the memory alarm below fires well before that.
+resource "aws_elasticache_parameter_group" "main" {
+  name        = local.name
+  family      = "valkey8"
+  description = "Konnichiwa: never evict state, outbox or idempotency records"
+
+  parameter {
+    name  = "maxmemory-policy"
+    value = "noeviction"
+  }
+}
+
 # A primary with a replica in another AZ and automatic failover: Multi-AZ instead of AOF
-# (ElastiCache offers no AOF on Valkey/Redis 7+). A failover can lose what had not reached the
-# replica; the service restores its state from the audit log in Postgres (see README).
+# (ElastiCache offers no AOF on Valkey/Redis 7+, hence no appendfsync). Replication is
+# asynchronous: a failover can lose the last writes the replica had not received, acknowledged
+# or not (docs/reliability.md); MemoryDB is the durable alternative.
 resource "aws_elasticache_replication_group" "main" {
   replication_group_id       = local.name
   description                = "Konnichiwa shared state and audit outbox"
@@ -152,6 +168,7 @@ resource "aws_elasticache_replication_group" "main" {
   node_type                  = var.cache_node_type
   num_cache_clusters         = 2
   port                       = 6379
+  parameter_group_name       = aws_elasticache_parameter_group.main.name
   subnet_group_name          = aws_elasticache_subnet_group.main.name
   security_group_ids         = [aws_security_group.stores.id]
   automatic_failover_enabled = true
@@ -165,6 +182,31 @@ resource "aws_elasticache_replication_group" "main" {
   maintenance_window         = "sun:19:30-sun:20:30"
   auto_minor_version_upgrade = true
   apply_immediately          = false
+}
+
+# Each node's memory use (percent of its maxmemory): with noeviction, the last warning before
+# writes are refused. Members are named <group>-001, -002, ...
+resource "aws_cloudwatch_metric_alarm" "valkey_memory" {
+  for_each = toset([
+    for n in range(1, aws_elasticache_replication_group.main.num_cache_clusters + 1) :
+    format("%s-%03d", aws_elasticache_replication_group.main.replication_group_id, n)
+  ])
+  alarm_name          = "${each.key}-memory-high"
+  alarm_description   = "Konnichiwa Valkey ${each.key}: memory above 80 % of maxmemory; writes fail at 100 %"
+  namespace           = "AWS/ElastiCache"
+  metric_name         = "DatabaseMemoryUsagePercentage"
+  statistic           = "Maximum"
+  period              = 60
+  evaluation_periods  = 3
+  threshold           = 80
+  comparison_operator = "GreaterThanThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = var.alarm_topic_arn == "" ? [] : [var.alarm_topic_arn]
+  ok_actions          = var.alarm_topic_arn == "" ? [] : [var.alarm_topic_arn]
+
+  dimensions = {
+    CacheClusterId = each.key
+  }
 }
 
 # --- Secrets: injected into the tasks by ECS, never as plain environment variables -------------

@@ -69,7 +69,7 @@ async def _make_history(session: aiohttp.ClientSession, url: str) -> None:
 
 
 async def _probes(url: str, deadline: float) -> list[Answer]:
-    """PROBES clients asking readiness ten times a second each, unauthenticated, until
+    """PROBES clients asking readiness twice a second each, unauthenticated, until
     `deadline`."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -78,7 +78,7 @@ async def _probes(url: str, deadline: float) -> list[Answer]:
             answers = []
             while time.monotonic() < deadline:
                 answers.append(await _get(session, url, "/health/ready"))
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)
             return answers
 
         rounds = await asyncio.gather(*(probe() for _ in range(PROBES)))

@@ -66,6 +66,9 @@ def endpoint(
                     await waiting
                 response = await handler(request)
             except Problem as problem:
+                # Many problems are shared constants (UNAUTHORIZED): each raise would add this
+                # request's frames to the one traceback they keep, for ever.
+                problem.__traceback__ = None
                 if limit is not None and problem.status == 401:
                     response = await limit.failed_authentication(request, problem)
                 else:

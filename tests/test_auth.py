@@ -9,7 +9,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from konnichiwa.app import create_app
-from konnichiwa.auth import SCOPES, ApiKey, KeyRing, keyring, parse_api_keys
+from konnichiwa.auth import SCOPES, UNAUTHORIZED, ApiKey, KeyRing, keyring, parse_api_keys
 from konnichiwa.routes import ROUTES
 from konnichiwa.settings import Settings
 from tests.support import FULL_KEY, READ_KEY, Client, add_route
@@ -153,3 +153,12 @@ def test_keyring_lookup() -> None:
 def test_protected_routes_name_a_known_scope() -> None:
     for route in ROUTES:
         assert route.scope is None or route.scope in SCOPES
+
+
+async def test_refusals_keep_no_request_alive(guarded_client: Client) -> None:
+    """The one 401 is a shared constant: raising it must not pile up the frames of every
+    request refused (a leak of their memory)."""
+    wrong = {"X-API-Key": "x" * 20}
+    for _ in range(10):
+        assert (await guarded_client.post("/guarded", headers=wrong)).status == 401
+    assert UNAUTHORIZED.__traceback__ is None

@@ -151,13 +151,15 @@ async def test_a_stalled_postgres_fails_its_reads_fast_and_loses_nothing(
             assert (await reply.json())["counter"] == changes
 
     assert {answer.status for answer in stalled} == {503}
-    slowest_read = max(answer.seconds for answer in stalled)
-    assert slowest_read < FAST, stalled
     assert {answer.status for answer in unaffected} == {200}
+    # A busy host delays every answer alike: the stall may add at most FAST to the slowest answer
+    # that did not need Postgres.
+    bound = FAST + max(answer.seconds for answer in unaffected)
+    assert max(stalled, key=lambda answer: answer.seconds).seconds < bound
     assert during == [200] * len(during)
     assert len(during) > STALL_SECONDS * 10
     assert len(probed) > PROBES * STALL_SECONDS / 2  # the probes kept coming
-    assert max(answer.seconds for answer in probed) < FAST
+    assert max(probed, key=lambda answer: answer.seconds).seconds < bound
     assert probed[-1].status == 503
     assert recovery < 5
     rows = await _audit_rows(database_url)

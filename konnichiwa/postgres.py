@@ -173,13 +173,13 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 
 
 @contextlib.asynccontextmanager
-async def reading(
+async def bounded_connection(
     pool: asyncpg.Pool, within: float = READ_TIMEOUT
 ) -> AsyncIterator[PoolConnectionProxy]:
-    """A connection for one read, acquired and done with within `within` seconds, else
-    TimeoutError (a 503).
+    """A connection for one read or transaction, acquired and done with within `within`
+    seconds, else TimeoutError (a 503).
 
-    A read cut short terminates its connection instead of returning it: asyncpg would first
+    Work cut short terminates its connection instead of returning it: asyncpg would first
     cancel the query by asking the server, and a hung server never answers, so the request
     would wait for it after all.
     """

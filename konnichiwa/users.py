@@ -22,7 +22,7 @@ from konnichiwa.idempotency import (
     outcome_unknown,
     record_for,
 )
-from konnichiwa.postgres import pg_pool, reading
+from konnichiwa.postgres import bounded_connection, pg_pool
 from konnichiwa.schemas import (
     NewUser,
     PageQuery,
@@ -106,7 +106,7 @@ async def create_user(
     name, email = person_name(new.name), email_address(new.email)
     committing = False
     try:
-        async with reading(pool, WRITE_TIMEOUT) as conn, conn.transaction():
+        async with bounded_connection(pool, WRITE_TIMEOUT) as conn, conn.transaction():
             if record is not None and not await conn.fetchval(
                 CLAIM_KEY, record.key, record.fingerprint, KEEP_SECONDS
             ):
@@ -138,7 +138,7 @@ async def create_user(
 
 async def list_users(pool: asyncpg.Pool, query: PageQuery) -> UsersPage:
     skip = min((query.page - 1) * query.limit, SKIP_MAX)
-    async with reading(pool) as conn:
+    async with bounded_connection(pool) as conn:
         rows = await conn.fetch(PAGE, skip, query.limit)
     total: int = rows[0]["total"]
     users = [_user(row) for row in rows if row["id"] is not None]
@@ -194,7 +194,7 @@ async def show(request: web.Request) -> web.Response:
     raw = request.match_info["id"]
     row = None
     if raw.isascii() and raw.isdigit() and len(raw) < 19:
-        async with reading(request.app[pg_pool]) as conn:
+        async with bounded_connection(request.app[pg_pool]) as conn:
             row = await conn.fetchrow(BY_ID, int(raw))
     if row is None:
         raise Problem(404, "Not Found", f"There is no user {raw!r}.")

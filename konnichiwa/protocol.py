@@ -149,8 +149,10 @@ class GuardedRequestHandler(web_protocol.RequestHandler):
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:  # headers complete (or refused as malformed)
-            self._set_deadline(None)
-            self._header_bytes = 0
+            if self._deadline is not None:  # (inline: this runs for every request)
+                self._deadline.cancel()
+                self._deadline = None
+                self._header_bytes = 0
             payload = self._messages[-1][1] if self._messages else EMPTY_PAYLOAD
             if payload is not EMPTY_PAYLOAD and not payload.is_eof():  # a GET has none
                 self._body = payload

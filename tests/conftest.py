@@ -23,7 +23,7 @@ from pytest_aiohttp import AiohttpClient
 
 from konnichiwa.app import create_app
 from konnichiwa.auth import SCOPES, ApiKey
-from konnichiwa.embedded import embedded_stack, postgres_server
+from konnichiwa.embedded import embedded_stack, postgres_server, valkey_server
 from konnichiwa.postgres import migrate
 from konnichiwa.settings import Settings
 from tests.support import (
@@ -105,6 +105,13 @@ async def database_url(servers: Servers) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+def valkey(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A Valkey of this test's own, to pause: its URL and pidfile."""
+    with valkey_server(tmp_path / "valkey") as url:
+        yield url, tmp_path / "valkey" / "valkey.pid"
 
 
 @pytest.fixture

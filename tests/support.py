@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,6 +88,23 @@ async def drained_readiness(url: str, within: float) -> dict[str, object] | None
                 return body
             await asyncio.sleep(0.02)
     return None
+
+
+def debian_program(name: str, package: str, path: str | None = None) -> str:
+    """The program `name`, installed from Debian's `package` on first use (the test set-up runs
+    as root on CI); `path` is where to look for it (default: PATH)."""
+    found = shutil.which(name, path=path)
+    if found is None:
+        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=environment)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+            check=True,
+            env=environment,
+        )
+        found = shutil.which(name, path=path)
+    assert found is not None, f"{package} could not be installed"
+    return found
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from hcl2.api import loads as parse_hcl
 
 from konnichiwa.routes import ROUTES
 from konnichiwa.settings import VARIABLES, Settings
-from tests.support import free_port, http_get
+from tests.support import debian_program, free_port, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -573,20 +573,9 @@ def test_nginx_limits_each_client_address_but_not_the_health_checks() -> None:
 
 @pytest.fixture(scope="session")
 def nginx() -> Path:
-    """Debian's nginx, installed on first use (the test set-up runs as root on CI)."""
+    """Debian's nginx (in /usr/sbin, which a non-root PATH lacks)."""
     path = os.pathsep.join((os.environ.get("PATH", os.defpath), "/usr/sbin"))
-    found = shutil.which("nginx", path=path)
-    if found is None:
-        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=environment)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx"],
-            check=True,
-            env=environment,
-        )
-        found = shutil.which("nginx", path=path)
-    assert found is not None, "nginx could not be installed"
-    return Path(found)
+    return Path(debian_program("nginx", "nginx", path))
 
 
 def nginx_prefix(directory: Path, port: int, **replacements: str) -> list[str]:

@@ -15,10 +15,8 @@ from typing import NamedTuple
 
 import aiohttp
 import asyncpg
-import pytest
 import redis.asyncio
 
-from konnichiwa.embedded import valkey_server
 from tests.support import (
     FULL_AUTH,
     FULL_KEY,
@@ -33,13 +31,6 @@ UPDATE_CLIENTS, USER_CLIENTS = 20, 4
 STALLS = 3  # Redis paused this many times, 2 s each
 KILLS = 4  # workers killed with SIGKILL
 RETRY_PAUSE = 0.05
-
-
-@pytest.fixture
-def valkey(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A Valkey of this test's own, to pause: its URL and pidfile."""
-    with valkey_server(tmp_path / "valkey") as url:
-        yield url, tmp_path / "valkey" / "valkey.pid"
 
 
 @contextlib.contextmanager

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import jsonschema_rs
@@ -19,7 +16,7 @@ from pytest_aiohttp import AiohttpClient
 from konnichiwa.app import create_app
 from konnichiwa.routes import routes_for
 from konnichiwa.settings import ServiceName, Settings
-from tests.support import Client
+from tests.support import Client, debian_program
 
 ROLES: list[ServiceName] = ["api", "aux"]
 
@@ -118,19 +115,8 @@ async def test_docs_page_and_assets_are_served_locally(client: Client) -> None:
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Debian's Chromium, installed on first use (the test set-up runs as root on CI)."""
-    found = shutil.which("chromium")
-    if found is None:
-        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=environment)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
-            check=True,
-            env=environment,
-        )
-        found = shutil.which("chromium")
-    assert found is not None, "chromium could not be installed"
-    return found
+    """Debian's Chromium."""
+    return debian_program("chromium", "chromium")
 
 
 async def test_swagger_ui_lists_the_operations(

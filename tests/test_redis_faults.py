@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from konnichiwa.embedded import valkey_server
 from tests.support import FULL_AUTH, FULL_KEY, paused, pid_from_file, running_service
 
 STALL_SECONDS = 5
 FAIL_FAST_SECONDS = 1.5  # the 1 s command timeout and the way there and back
-
-
-@pytest.fixture
-def valkey(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A Valkey of this test's own, to pause: its URL and pidfile."""
-    with valkey_server(tmp_path / "valkey") as url:
-        yield url, tmp_path / "valkey" / "valkey.pid"
 
 
 async def timed(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Final
 
 import msgspec
 
@@ -12,6 +13,10 @@ from konnichiwa.errors import request_id
 from konnichiwa.settings import Settings
 
 _encode = msgspec.json.Encoder().encode
+# Loggers LOG_LEVEL sets: the service's own and its HTTP server's (the access log among them).
+# Every other library logs warnings and errors only, unless LOG_LEVEL names it.
+OWN_LOGGERS: Final = ("konnichiwa", "aiohttp")
+LIBRARY_LEVEL: Final = "WARNING"
 
 
 class RequestIdFilter(logging.Filter):
@@ -51,4 +56,8 @@ def configure_logging(settings: Settings) -> None:
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
+    root.setLevel(LIBRARY_LEVEL)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(settings.log_level)
+    for name, level in settings.library_log_levels:
+        logging.getLogger(name).setLevel(level)

@@ -79,6 +79,8 @@ class Settings:
     service_name: ServiceName = "api"
     environment: Environment = "dev"
     log_level: LogLevel = "INFO"
+    # Levels for other libraries' loggers, which otherwise stay at WARNING whatever LOG_LEVEL is.
+    library_log_levels: tuple[tuple[str, LogLevel], ...] = ()
     log_format: LogFormat = "text"
     access_log: bool = False
     api_keys: tuple[ApiKey, ...] = ()
@@ -145,13 +147,15 @@ def _parse(env: Mapping[str, str]) -> Settings:
     environment = _choice(get, "ENVIRONMENT", cast(tuple[Environment, ...], get_args(Environment)))
     environment = environment or "dev"
     api_keys = _api_keys(get)
+    log_level, library_log_levels = _log_levels(get)
     settings = Settings(
         port=_integer(get, "PORT", 1, 65535) or 4000,
         host=get("HOST") or ALL_INTERFACES,
         workers=_integer(get, "WORKERS", 1, 256) or os.cpu_count() or 1,
         service_name=_choice(get, "SERVICE_NAME", get_args(ServiceName)) or "api",
         environment=environment,
-        log_level=_choice(get, "LOG_LEVEL", get_args(LogLevel), str.upper) or "INFO",
+        log_level=log_level,
+        library_log_levels=library_log_levels,
         log_format=_choice(get, "LOG_FORMAT", get_args(LogFormat), str.lower) or "text",
         access_log=_boolean(get, "ACCESS_LOG"),
         api_keys=api_keys,
@@ -213,6 +217,27 @@ def _choice(
         if normalise(raw) == option:
             return option
     raise SettingsError(f"{name}={raw!r} is not valid: expected one of {', '.join(allowed)}")
+
+
+def _log_levels(get: Getter) -> tuple[LogLevel, tuple[tuple[str, LogLevel], ...]]:
+    """LOG_LEVEL: the service's level, then any `logger=LEVEL` for other libraries, comma
+    separated (`DEBUG,botocore=DEBUG`)."""
+    raw = get("LOG_LEVEL") or "INFO"
+    own, *named = (part.strip() for part in raw.split(","))
+    allowed: tuple[LogLevel, ...] = get_args(LogLevel)
+    pairs = [part.partition("=") for part in named]
+    levels = [own.upper(), *(level.strip().upper() for _, _, level in pairs)]
+    if not all(level in allowed for level in levels) or any(
+        not name.strip() or not equals for name, equals, _ in pairs
+    ):
+        raise SettingsError(
+            f"LOG_LEVEL={raw!r} is not valid: expected one of {', '.join(allowed)}, optionally "
+            "followed by logger=LEVEL pairs for other libraries (DEBUG,botocore=DEBUG)"
+        )
+    overrides = tuple(
+        (name.strip(), cast(LogLevel, level.strip().upper())) for name, _, level in pairs
+    )
+    return cast(LogLevel, own.upper()), overrides
 
 
 def _integer(get: Getter, name: str, low: int, high: int) -> int | None:

@@ -1,4 +1,4 @@
-"""Logging: JSON lines carry the request ID; text lines too."""
+"""Logging: JSON lines carry the request ID; text lines too; other libraries stay quiet."""
 
 from __future__ import annotations
 
@@ -9,17 +9,20 @@ from collections.abc import Iterator
 import pytest
 
 from konnichiwa.errors import request_id
-from konnichiwa.logs import configure_logging
+from konnichiwa.logs import OWN_LOGGERS, configure_logging
 from konnichiwa.settings import Settings
+
+LIBRARY = "botocore.auth"  # signs every AWS request, at DEBUG, with the request's details
 
 
 @pytest.fixture(autouse=True)
-def _restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+def _restore_loggers() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("", *OWN_LOGGERS, "botocore")]
+    handlers, levels = logging.getLogger().handlers[:], [logger.level for logger in loggers]
     yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    logging.getLogger().handlers[:] = handlers
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
@@ -41,3 +44,22 @@ def test_log_lines_carry_the_request_id(
         assert entry["time"].endswith("Z")
     else:
         assert "[req-7] cache cold" in line
+
+
+@pytest.mark.parametrize(
+    ("log_level", "library_debug_shown"),
+    [("DEBUG", False), ("DEBUG,botocore=DEBUG", True), ("INFO, botocore = debug", True)],
+)
+def test_other_libraries_log_debug_only_when_named(
+    log_level: str, library_debug_shown: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging(Settings.from_env({"LOG_LEVEL": log_level}, env_file=None))
+    logging.getLogger("konnichiwa.test").debug("own detail")
+    logging.getLogger(LIBRARY).debug("signing detail")
+    logging.getLogger("aiohttp.access").info("GET / 200")
+    logging.getLogger(LIBRARY).warning("clock skew")
+    err = capsys.readouterr().err
+    assert ("own detail" in err) == log_level.startswith("DEBUG")
+    assert ("signing detail" in err) == library_debug_shown
+    assert "GET / 200" in err  # the access log follows the service's level
+    assert "clock skew" in err

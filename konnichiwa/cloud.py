@@ -30,6 +30,7 @@ from konnichiwa.schemas import (
     json_response,
     rfc3339,
 )
+from konnichiwa.scoreboard import AWS_CACHE, AWS_CACHE_RESULTS, worker_slot
 from konnichiwa.settings import settings_key
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ PARAMETER_NAME: Final = re.compile(PARAMETER_NAME_PATTERN)
 MAX_NAME_LENGTH: Final = 1011
 MAX_NAME_LEVELS: Final = 15
 CACHE_HEADER: Final = "X-Cache"
+# The scoreboard cell that counts each kind of cache answer (for /metrics).
+_CACHE_CELLS: Final = {result: AWS_CACHE + n for n, result in enumerate(AWS_CACHE_RESULTS)}
 
 
 def parameter_name(raw: str, prefix: str) -> str:
@@ -136,6 +139,7 @@ async def _cached(
             raise
 
     answer = await request.app[aws_cache].get(key, fetch)
+    request.app[worker_slot].count(_CACHE_CELLS[answer.status])
     if isinstance(answer.value, Problem):
         raise answer.value
     headers = {CACHE_HEADER: answer.status, "Age": str(math.floor(answer.age))}

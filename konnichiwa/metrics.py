@@ -18,6 +18,8 @@ from aiohttp import web
 from konnichiwa.capacity import dependencies, sampler
 from konnichiwa.ratelimit import POLICIES
 from konnichiwa.scoreboard import (
+    AWS_CACHE,
+    AWS_CACHE_RESULTS,
     BOUNDS,
     CONNECTIONS,
     CPU_SECONDS_US,
@@ -30,6 +32,7 @@ from konnichiwa.scoreboard import (
     ROUTE_HISTOGRAM,
     ROUTE_SUM,
     RSS,
+    STARTED_US,
     STATUS_CLASSES,
     THREADS,
     UNCHECKED_ADMITTED,
@@ -38,9 +41,12 @@ from konnichiwa.scoreboard import (
 )
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-# Exposed histogram buckets: the 1-2-5 bounds of the scoreboard's finer ones (so exact).
+# Exposed histogram buckets: the 1-2-3-5 bounds of the scoreboard's finer ones (so exact); 0.3 s
+# is the latency objective's, which the alerting rules count requests against.
 EXPOSED: Final = tuple(
-    index for index, bound in enumerate(BOUNDS) if f"{bound:e}".startswith(("1.0", "2.0", "5.0"))
+    index
+    for index, bound in enumerate(BOUNDS)
+    if f"{bound:e}".startswith(("1.0", "2.0", "3.0", "5.0"))
 )
 Sample = tuple[str, dict[str, str], float]
 # (method, path) of each route number the scoreboard counts, the last one for "other".
@@ -48,8 +54,10 @@ route_labels = web.AppKey("route_labels", tuple)
 
 
 def _number(value: float) -> str:
-    """Exact: integers (byte counts) as integers, floats as Python's shortest repr."""
-    return str(int(value)) if isinstance(value, bool) else str(value)
+    """Whole numbers as integers, others as the shortest repr of their value to the nanosecond:
+    `1273 * 1e-6` reads 0.001273, not 0.0012729999999999998 (figures are whole µs at best)."""
+    rounded = round(float(value), 9)
+    return str(int(rounded)) if rounded.is_integer() else repr(rounded)
 
 
 def _label_value(value: str) -> str:
@@ -100,20 +108,22 @@ def _histogram(labels: dict[str, str], row: Sequence[int]) -> Iterator[Sample]:
 
 def _worker_families(app: web.Application) -> Iterator[str]:
     workers = [(str(n), figures) for n, figures in app[scoreboard].workers() if figures[PID]]
-    for name, kind, text, field, scale in (
-        ("resident_memory_bytes", "gauge", "Resident memory of each worker.", RSS, 1.0),
-        ("cpu_seconds_total", "counter", "CPU time each worker has used.", CPU_SECONDS_US, 1e-6),
-        ("open_fds", "gauge", "Open file descriptors of each worker.", FDS, 1.0),
-        ("threads", "gauge", "Threads of each worker.", THREADS, 1.0),
-        ("connections", "gauge", "Open sockets of each worker.", CONNECTIONS, 1.0),
+    for name, kind, text, field, per_unit in (
+        ("resident_memory_bytes", "gauge", "Resident memory of each worker.", RSS, 1),
+        ("cpu_seconds_total", "counter", "CPU time each worker has used.", CPU_SECONDS_US, 1e6),
+        ("open_fds", "gauge", "Open file descriptors of each worker.", FDS, 1),
+        ("threads", "gauge", "Threads of each worker.", THREADS, 1),
+        ("connections", "gauge", "Open sockets of each worker.", CONNECTIONS, 1),
         ("event_loop_lag_seconds", "gauge", "How late each worker's loop woke up.", LOOP_LAG_US,
-         1e-6),
+         1e6),
         ("rate_limiter_down", "gauge", "1 while the worker's rate limiter cannot reach Redis.",
-         RATE_LIMITER_DOWN, 1.0),
+         RATE_LIMITER_DOWN, 1),
+        ("start_time_seconds", "gauge", "When each worker started (Unix time): a change is a "
+         "restart.", STARTED_US, 1e6),
     ):  # fmt: skip
         yield from family(
             f"konnichiwa_worker_{name}", kind, text,
-            (("", {"worker": n}, figures[field] * scale) for n, figures in workers),
+            (("", {"worker": n}, figures[field] / per_unit) for n, figures in workers),
         )  # fmt: skip
 
 
@@ -155,8 +165,15 @@ def _service_families(app: web.Application) -> Iterator[str]:
                       [("", {"path": host.disk.path}, host.disk.percent)])  # fmt: skip
 
 
-def _rate_limit_families(app: web.Application) -> Iterator[str]:
+def _counter_families(app: web.Application) -> Iterator[str]:
     workers = [figures for _, figures in app[scoreboard].workers()]
+    yield from family(
+        "konnichiwa_aws_cache_lookups_total", "counter",
+        "Answers of /config and /storage by where they came from: the cache (hit), AWS (miss), "
+        "or the last good answer while AWS fails (stale).",
+        (("", {"result": result}, sum(w[AWS_CACHE + n] for w in workers))
+         for n, result in enumerate(AWS_CACHE_RESULTS)),
+    )  # fmt: skip
     yield from family(
         "konnichiwa_rate_limited_total", "counter", "Requests refused with 429, by policy.",
         (("", {"policy": name}, sum(w[RATE_LIMITED + n] for w in workers))
@@ -175,7 +192,7 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition (0.0.4) of the service's figures, every worker summed."""
     app = request.app
     lines = [
-        *_route_families(app), *_service_families(app), *_rate_limit_families(app),
+        *_route_families(app), *_service_families(app), *_counter_families(app),
         *_worker_families(app),
     ]  # fmt: skip
     return web.Response(

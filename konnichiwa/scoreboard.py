@@ -45,12 +45,16 @@ STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _CLASS_OF_HUNDREDS: Final = (0, 0, 1, 2, 3, 4, 4, 4, 4, 4)
 RING_SECONDS: Final = 64  # more than the longest window (60 s)
 
-# A worker's figures, at the start of its slot. RATE_LIMITED starts the 429s counted by each
-# rate-limit policy (in konnichiwa.ratelimit.POLICIES order).
+# Where the AWS cache's answers came from (konnichiwa.coalesce.Cached.status), counted in order.
+AWS_CACHE_RESULTS: Final = ("hit", "miss", "stale")
+# A worker's figures, at the start of its slot. AWS_CACHE starts the AWS cache's answers by
+# result; RATE_LIMITED starts the 429s counted by each rate-limit policy (in
+# konnichiwa.ratelimit.POLICIES order).
 (PID, STARTED_US, IN_FLIGHT, RSS, CPU_CENTIPERCENT, CPU_SECONDS_US, THREADS, FDS, CONNECTIONS,
  LOOP_LAG_US, REDIS_IN_USE, REDIS_IDLE, POSTGRES_IN_USE, POSTGRES_IDLE, RATE_LIMITER_DOWN,
- UNCHECKED_ADMITTED, UNCHECKED_REFUSED, RATE_LIMITED) = range(18)  # fmt: skip
-WORKER_CELLS: Final = 24
+ UNCHECKED_ADMITTED, UNCHECKED_REFUSED, AWS_CACHE) = range(18)  # fmt: skip
+RATE_LIMITED: Final = AWS_CACHE + len(AWS_CACHE_RESULTS)
+WORKER_CELLS: Final = 32
 # Per route: responses by status class, the latency sum (µs), the latency histogram.
 ROUTE_SUM: Final = len(STATUS_CLASSES)
 ROUTE_HISTOGRAM: Final = ROUTE_SUM + 1

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import time
+
+import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient
 
+from konnichiwa.app import create_app
+from konnichiwa.metrics import family
+from konnichiwa.settings import Settings
 from tests.support import FULL_AUTH, READ_AUTH, Client
 
 
@@ -39,6 +47,8 @@ async def test_metrics_count_by_route_and_status(client: Client) -> None:
     assert duration.type == "histogram"
     assert _value(duration, "_count", route="/status") == 3
     assert _value(duration, "_bucket", route="/status", le="+Inf") == 3
+    # The latency objective's bound (300 ms) is a bucket of its own: alerts count against it.
+    assert _value(duration, "_bucket", route="/status", le="0.3") == 3
     buckets = [
         s.value
         for s in duration.samples
@@ -65,3 +75,52 @@ async def test_metrics_report_dependencies_and_workers(client: Client) -> None:
 async def test_metrics_need_the_inspect_scope(client: Client) -> None:
     assert (await client.get("/metrics")).status == 401
     assert (await client.get("/metrics", headers=READ_AUTH)).status == 403
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1273 * 1e-6, "0.001273"),  # µs scaled to seconds: no binary noise
+        (0.1 + 0.2, "0.3"),
+        (85700608.0, "85700608"),  # a byte count, whole
+        (True, "1"),
+        (0.0, "0"),
+        (1764878902.123456, "1764878902.123456"),  # a Unix time to the µs
+        (2.5e-05, "2.5e-05"),
+    ],
+)
+def test_values_print_as_their_shortest_form(value: float, text: str) -> None:
+    *_, sample = family("konnichiwa_example", "gauge", "An example.", [("", {}, value)])
+    assert sample == f"konnichiwa_example {text}"
+
+
+async def test_every_exposed_value_is_clean(client: Client) -> None:
+    assert (await client.get("/status")).status == 200
+    response = await client.get("/metrics", headers=FULL_AUTH)
+    values = [line.rpartition(" ")[2] for line in (await response.text()).splitlines()
+              if not line.startswith("#")]  # fmt: skip
+    assert values
+    unclean = [v for v in values if not re.fullmatch(r"-?\d+(\.\d{0,8}[1-9])?(e-\d+)?", v)]
+    assert unclean == []
+
+
+async def test_metrics_give_each_workers_start(client: Client) -> None:
+    families = await _scrape(client)
+    started = _value(families["konnichiwa_worker_start_time_seconds"], worker="0")
+    assert time.time() - 60 < started <= time.time()
+
+
+async def test_metrics_count_aws_cache_answers(
+    aiohttp_client: AiohttpClient, settings: Settings, aws_url: str
+) -> None:
+    aws = settings.replace(
+        aws_endpoint_url=aws_url, aws_credentials=("testing", "testing"), aws_region="us-east-1"
+    )
+    client = await aiohttp_client(create_app(aws))
+    for _ in range(3):
+        assert (await client.get("/config", headers=FULL_AUTH)).status == 200
+    lookups = (await _scrape(client))["konnichiwa_aws_cache_lookups"]
+    assert lookups.type == "counter"
+    counts = {result: _value(lookups, "_total", result=result) for result in ("hit", "miss")}
+    assert counts == {"hit": 2, "miss": 1}
+    assert _value(lookups, "_total", result="stale") == 0

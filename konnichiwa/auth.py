@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 from collections.abc import Iterable
 from typing import Final, Literal, get_args
 
@@ -39,6 +40,12 @@ class ApiKey:
 
     def __hash__(self) -> int:
         return hash(self.digest)
+
+
+def new_api_key() -> str:
+    """A random key of 256 bits, in hex: a base64url key starts with '-' one time in 64, and a
+    command line then takes it for an option."""
+    return secrets.token_hex(32)
 
 
 def parse_api_keys(raw: str | None, variable: str) -> tuple[ApiKey, ...]:

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from konnichiwa.auth import new_api_key
 from konnichiwa.embedded import VALKEY_CONFIG, valkey_server
 from loadtests.plan import UNTHROTTLED
 from tests.support import ServiceProcess, free_port, http_get, running_service
@@ -373,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [e for e in ENDPOINTS if not options.endpoint or e.name in options.endpoint]
     output = options.output or RESULTS / time.strftime("bench-%Y%m%d-%H%M%S.json")
     output.parent.mkdir(parents=True, exist_ok=True)
-    api_key = secrets.token_urlsafe(24)
+    api_key = new_api_key()
     environment = {
         "API_KEYS": f"{api_key}:read+write+inspect",
         "ENVIRONMENT": "dev",

@@ -9,7 +9,15 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from konnichiwa.app import create_app
-from konnichiwa.auth import SCOPES, UNAUTHORIZED, ApiKey, KeyRing, keyring, parse_api_keys
+from konnichiwa.auth import (
+    SCOPES,
+    UNAUTHORIZED,
+    ApiKey,
+    KeyRing,
+    keyring,
+    new_api_key,
+    parse_api_keys,
+)
 from konnichiwa.routes import ROUTES
 from konnichiwa.settings import Settings
 from tests.support import FULL_KEY, READ_KEY, Client, add_route
@@ -148,6 +156,14 @@ def test_keyring_lookup() -> None:
     assert found.scopes == {"read"}
     assert ring.lookup("first-key-012345678") is None
     assert ring.lookup("") is None
+
+
+def test_new_keys_are_unique_and_never_look_like_an_option() -> None:
+    keys = [new_api_key() for _ in range(2000)]  # a base64url key starts with "-" 1 time in 64
+    assert len(set(keys)) == len(keys)
+    assert [key for key in keys if key.startswith("-")] == []
+    ring = KeyRing(parse_api_keys(",".join(keys), "API_KEYS"))
+    assert all(ring.lookup(key) is not None for key in keys)
 
 
 def test_protected_routes_name_a_known_scope() -> None:

@@ -1,6 +1,6 @@
 """Locust personas that use Konnichiwa the way its clients do; every answer is checked.
 
-    locust -f loadtests/locustfile.py --host http://127.0.0.1:4000 --api-key "$KEY"
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:4000 --api-key="$KEY"
     locust -f loadtests/locustfile.py --headless --tags reader writer --mix reader=3,writer=1
 
 The load shape (loadtests/shapes.py) sets the request rate: `--shape fixed --rate 1000` (default),

@@ -1,7 +1,7 @@
 """The service-level check: the mixed Locust scenario at a fixed rate, judged against the SLO.
 
     python -m loadtests.slo                       # embedded stack, 1,000 req/s for 60 s
-    python -m loadtests.slo --host URL --api-key KEY --rate 2000 --run-time 120
+    python -m loadtests.slo --host URL --api-key=KEY --rate 2000 --run-time 120
     python -m loadtests.slo -- --processes 2      # anything after -- goes to Locust
 
 Exit status: 0 when every objective holds, 1 when one is missed, 2 when the run itself failed.
@@ -15,7 +15,6 @@ import contextlib
 import csv
 import json
 import math
-import secrets
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Final, NamedTuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from konnichiwa.auth import new_api_key
 from loadtests.plan import UNTHROTTLED, USER_RATE
 from tests.support import running_service
 
@@ -221,7 +221,7 @@ def locust_command(
     """The headless Locust run: fixed-rate shape, CSV and HTML reports under `prefix`."""
     return [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "--host", host, "--api-key", api_key, "--shape", "fixed",
+        "--host", host, f"--api-key={api_key}", "--shape", "fixed",
         "--rate", str(options.rate), "--user-rate", str(options.user_rate),
         "--mix", options.mix, "--run-time", f"{options.run_time}s", "--stop-timeout", "5",
         "--csv", str(prefix), "--html", f"{prefix}.html",
@@ -237,7 +237,7 @@ def target(options: argparse.Namespace, folder: Path) -> Iterator[tuple[str, str
     if options.host:
         yield options.host, options.api_key
         return
-    api_key = secrets.token_urlsafe(24)
+    api_key = new_api_key()
     environment = {
         "API_KEYS": f"{api_key}:read+write+inspect",
         "ENVIRONMENT": "dev",
@@ -254,7 +254,9 @@ def parse_arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, lis
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--host", help="a running service (default: start one)")
-    parser.add_argument("--api-key", default="", help="its key with read, write, inspect scopes")
+    parser.add_argument(
+        "--api-key", default="", help="its key with read, write, inspect scopes (--api-key=KEY)"
+    )
     parser.add_argument("--workers", type=int, help="worker processes of a started service")
     parser.add_argument("--rate", type=float, default=Objectives.rate, help="requests/s")
     parser.add_argument(

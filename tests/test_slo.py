@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from loadtests.plan import UNTHROTTLED
 from loadtests.slo import EndpointStats, Objectives, Outcome, ServiceLatency, rate_between
-from tests.support import free_port
+from tests.support import free_port, running_service
 
 ROOT = Path(__file__).parents[1]
 GOOD = EndpointStats("Aggregated", 60_000, 0, 1000.0, 2.0, 5.0, 9.0, 40.0)
@@ -100,3 +101,25 @@ def test_slo_run_passes_on_the_embedded_stack(server_dir: Path, locust_options: 
     outcome = Outcome.read(server_dir / "locust")
     assert outcome.total.failures == 0
     assert outcome.total.requests >= 9000
+
+
+def test_a_key_that_looks_like_an_option_reaches_locust(
+    tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    key = "-a-key-that-starts-like-an-option-0123456789"
+    environment = {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "API_KEYS": f"{key}:read+write+inspect",
+        **UNTHROTTLED,
+    }
+    with running_service(tmp_path / "serve.log", environment, "--workers", "1") as service:
+        run = subprocess.run(
+            [sys.executable, "-m", "loadtests.slo", "--host", service.url, f"--api-key={key}",
+             "--rate", "50", "--run-time", "3", "--results", str(tmp_path / "slo")],
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert "expected one argument" not in run.stderr
+    outcome = Outcome.read(tmp_path / "slo" / "locust")
+    assert outcome.total.requests > 0, run.stdout + run.stderr
+    assert outcome.total.failures == 0, "every request, with the key or without, was answered"

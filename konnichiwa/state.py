@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Final, NamedTuple
 
@@ -32,6 +32,7 @@ from konnichiwa.idempotency import (
 from konnichiwa.redis_store import (
     Batcher,
     LuaScript,
+    PipelinedConnection,
     Runner,
     key_prefix,
     never_sent,
@@ -127,6 +128,11 @@ return replies
 # Changes waiting while a batch is in Redis go in the next one; a cap keeps each script short
 # (Redis runs nothing else while a script runs).
 MAX_UPDATE_BATCH: Final = 256
+# Batches of a worker pipelined at once. Redis writes (and under `appendfsync always`, fsyncs)
+# its append-only file once per event-loop turn: every batch that reaches it during one turn's
+# fsync is in the next turn's, whichever worker sent it. With one batch in flight a worker's
+# changes wait for its previous batch's fsync before they are even sent.
+UPDATE_BATCHES_IN_FLIGHT: Final = 4
 
 
 class Change(NamedTuple):
@@ -260,8 +266,10 @@ def _outcome(reply: bytes) -> Applied | Problem:
     return Applied(result, replayed)
 
 
-# Each worker sends its concurrent changes to Redis together, one script per batch.
+# Each worker sends its concurrent changes to Redis together, one script per batch, pipelined on
+# one connection of its own: batches are applied in the order their changes arrived.
 updates = web.AppKey("updates", Batcher[Change, Applied])
+update_connection = web.AppKey("update_connection", PipelinedConnection)
 
 
 class Snapshot(NamedTuple):
@@ -327,11 +335,25 @@ async def update(request: web.Request) -> web.Response:
     return json_response(applied.result, headers=REPLAYED if applied.replayed else None)
 
 
+async def update_connection_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the connection this worker's updates are pipelined on; fail start-up at once if
+    Redis does not answer."""
+    connection = PipelinedConnection(
+        app[settings_key].require("redis_url"), scripts=(UPDATE_SCRIPT,)
+    )
+    await connection("PING")
+    app[update_connection] = connection
+    yield
+    await connection.aclose()
+
+
 def setup_state(app: web.Application) -> None:
     keys = app[state_keys] = StateKeys(app[settings_key].environment)
     started = time.time()
     app[readings] = CoalescedRead(lambda: read_state(app[redis_client], keys, started))
     app[updates] = Batcher(
-        lambda changes: apply_changes(app[redis_client].execute_command, keys, changes),
+        lambda changes: apply_changes(app[update_connection], keys, changes),
         MAX_UPDATE_BATCH,
+        UPDATE_BATCHES_IN_FLIGHT,
     )
+    app.cleanup_ctx.append(update_connection_ctx)

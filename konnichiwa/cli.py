@@ -8,14 +8,13 @@ import contextlib
 import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
 
 import asyncpg
 
-from konnichiwa import __version__
+from konnichiwa import __version__, monitor
 from konnichiwa.auth import SCOPES, ApiKey
 from konnichiwa.logs import configure_logging
-from konnichiwa.monitor import add_arguments as add_monitor_arguments
-from konnichiwa.monitor import run as run_monitor
 from konnichiwa.postgres import claim_database, migrate
 from konnichiwa.settings import Settings, SettingsError
 
@@ -23,9 +22,12 @@ DEV_KEY_FILE = "api-key"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, commands = _parser()
+    args, unrecognized = parser.parse_known_args(argv)
+    if unrecognized:  # the command's usage error, with the command's exit status
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unrecognized)}")
     if args.command == "monitor":  # an operator's check: needs no service settings
-        return run_monitor(args)
+        return monitor.run(args)
     try:
         settings = _with_overrides(Settings.from_env(), args)
         configure_logging(settings)
@@ -37,8 +39,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="konnichiwa", description=__doc__)
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error's exit status of the command's choosing: `monitor` answers
+    Nagios, which would read argparse's 2 as CRITICAL."""
+
+    def __init__(self, *args: Any, usage_error: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_error = usage_error
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_error, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> tuple[_Parser, dict[str, _Parser]]:
+    """The `konnichiwa` parser, and its commands' parsers by name."""
+    parser = _Parser(prog="konnichiwa", description=__doc__)
     parser.add_argument("--version", action="version", version=f"konnichiwa {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the HTTP service")
@@ -55,15 +71,15 @@ def _parser() -> argparse.ArgumentParser:
         "--access-log", action="store_true", default=None, help="log every request (ACCESS_LOG)"
     )
     commands.add_parser("migrate", help="apply the Postgres schema migrations and exit")
-    add_monitor_arguments(
+    monitor.add_arguments(
         commands.add_parser(
             "monitor",
             help="check the service's capacity (Nagios exit codes)",
-            description="Ask API_URL/inspect with API_KEY (environment or .env) whether there is "
-            "capacity left. Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
+            description=monitor.DESCRIPTION,
+            usage_error=monitor.UNKNOWN,
         )
     )
-    return parser
+    return parser, commands.choices
 
 
 def _with_overrides(settings: Settings, args: argparse.Namespace) -> Settings:

@@ -2,13 +2,15 @@
 
 Exit codes follow the Nagios convention: 0 OK, 1 WARNING (a figure above its threshold),
 2 CRITICAL (a figure above the critical level, or Redis/Postgres down), 3 UNKNOWN (the service
-cannot be asked: unreachable, a refused key, an answer that is not an /inspect document).
+cannot be asked: unreachable, a refused key, an answer that is not an /inspect document; or the
+check itself was called wrongly).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -25,7 +27,12 @@ from konnichiwa.schemas import Inspection
 
 OK, WARNING, CRITICAL, UNKNOWN = range(4)
 STATES: Final = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
-DEFAULT_URL: Final = "http://localhost:4000"
+DESCRIPTION: Final = (
+    "Ask the service at API_URL (default http://localhost:$PORT, PORT as the service reads it, "
+    "4000 if unset) with API_KEY, from the environment or .env, whether there is capacity left. "
+    "Exit status, as Nagios reads it: 0 OK, 1 WARNING, 2 CRITICAL (a figure above --critical, or "
+    "Redis/Postgres down), 3 UNKNOWN (the service cannot be asked, or a usage error)."
+)
 _decode = msgspec.json.Decoder(Inspection).decode
 _encode = msgspec.json.Encoder().encode
 
@@ -102,17 +109,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def connection(environ: Mapping[str, str], env_file: Path = Path(".env")) -> tuple[str, str]:
-    """API_URL and API_KEY from the environment, else from `.env`."""
+    """API_URL (default: the service's own port on localhost) and API_KEY from the environment,
+    else from `.env`."""
     values = {k: v for k, v in dotenv_values(env_file).items() if v} if env_file.is_file() else {}
     values.update({k: v for k, v in environ.items() if v})
     key = values.get("API_KEY")
     if not key:
         raise Unknown("API_KEY is not set (in the environment or .env)")
-    url = values.get("API_URL", DEFAULT_URL).rstrip("/")
+    url = values.get("API_URL") or f"http://localhost:{_port(values.get('PORT', '4000'))}"
+    url = url.rstrip("/")
     # urllib also opens file: and ftp: URLs; the key goes to an HTTP service or nowhere.
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise Unknown(f"API_URL must be an http:// or https:// URL, not {url!r}")
     return url, key
+
+
+def _port(raw: str) -> int:
+    """PORT as the service reads it."""
+    if not re.fullmatch(r"[0-9]+", raw.strip()) or not 1 <= int(raw) <= 65535:
+        raise Unknown(f"PORT={raw!r} is not valid: expected an integer from 1 to 65535")
+    return int(raw)
 
 
 def fetch(url: str, key: str, timeout: float) -> Inspection:

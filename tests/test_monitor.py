@@ -55,7 +55,7 @@ def service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def _environment(**variables: str) -> dict[str, str]:
-    inherited = {k: v for k, v in os.environ.items() if k not in ("API_URL", "API_KEY")}
+    inherited = {k: v for k, v in os.environ.items() if k not in ("API_URL", "API_KEY", "PORT")}
     return {**inherited, **variables}
 
 
@@ -97,6 +97,41 @@ def test_json_report(service: ServiceProcess) -> None:
     assert (report["status"], report["code"]) == ("CRITICAL", 2)
     assert set(report["checks"]) == {"cpu", "memory", "disk"}
     assert report["inspection"]["service"]["worker_count"] == 2
+
+
+def test_the_default_url_is_the_service_port(service: ServiceProcess, tmp_path: Path) -> None:
+    result = monitor(*OK_LEVELS, cwd=tmp_path, PORT=str(service.port), API_KEY=FULL_KEY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 workers" in result.stdout
+
+
+def test_unknown_for_a_port_that_is_not_one(tmp_path: Path) -> None:
+    result = monitor(*OK_LEVELS, cwd=tmp_path, PORT="http", API_KEY=FULL_KEY)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout == (
+        "KONNICHIWA UNKNOWN - PORT='http' is not valid: expected an integer from 1 to 65535\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--cpu", "abc"), ("--cpu", "150"), ("--watch", "0"), ("--cpu",), ("--json", "--verbose")],
+    ids=["not-a-number", "above-100", "no-interval", "no-value", "unknown-option"],
+)
+def test_a_usage_error_is_unknown_not_critical(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = monitor(*args, cwd=tmp_path, API_KEY=FULL_KEY)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stderr.startswith("usage: konnichiwa monitor ")
+    assert "\nkonnichiwa monitor: error: " in result.stderr
+
+
+def test_help_names_the_settings_and_the_exit_codes(tmp_path: Path) -> None:
+    result = monitor("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    words = " ".join(result.stdout.split())
+    for told in ("API_URL", "http://localhost:$PORT", "API_KEY", ".env", "0 OK", "1 WARNING",
+                 "2 CRITICAL", "3 UNKNOWN", "usage error"):  # fmt: skip
+        assert told in words
 
 
 def test_reads_dot_env(service: ServiceProcess, tmp_path: Path) -> None:

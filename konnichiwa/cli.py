@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -13,7 +12,7 @@ from typing import Any, NoReturn
 import asyncpg
 
 from konnichiwa import __version__, monitor
-from konnichiwa.auth import SCOPES, ApiKey
+from konnichiwa.auth import SCOPES, ApiKey, new_api_key
 from konnichiwa.logs import configure_logging
 from konnichiwa.postgres import claim_database, migrate
 from konnichiwa.settings import Settings, SettingsError
@@ -143,6 +142,6 @@ def _with_dev_key(settings: Settings) -> Settings:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(32) + "\n")
+        path.write_text(new_api_key() + "\n")
     print(f"  API key (all scopes): in {path.resolve()}  (export API_KEY=$(cat {path}))")
     return settings.replace(api_keys=(ApiKey(path.read_text().strip(), SCOPES),))

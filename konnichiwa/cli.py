@@ -97,30 +97,45 @@ def _bounded_int(low: int, high: int) -> Callable[[str], int]:
 
 
 @contextlib.contextmanager
-def _servers(settings: Settings) -> Iterator[Settings]:
-    """Settings pointing at real servers: the configured ones, or the embedded dev stack."""
+def _servers(
+    settings: Settings, service_url: str | None = None, *, share: bool = False
+) -> Iterator[Settings]:
+    """Settings pointing at real servers: the configured ones, or the embedded dev stack — the
+    one a running `konnichiwa serve` owns when `share`, else one this process owns."""
     if not settings.embedded:
         yield settings
         return
-    from konnichiwa.embedded import embedded_stack  # noqa: PLC0415  (needs the `embedded` extra)
+    from konnichiwa import embedded  # noqa: PLC0415  (needs the `embedded` extra)
 
-    print(f"Starting the embedded dev stack in {settings.state_dir.resolve()} ...", flush=True)
-    with embedded_stack(settings) as running:
+    state_dir = settings.state_dir.resolve()
+    with contextlib.ExitStack() as stack:
+        try:
+            record = stack.enter_context(embedded.owned_state_dir(state_dir))
+        except embedded.StackInUse as in_use:
+            if not share:
+                raise
+            running = in_use.shared(settings)
+            print(f"Using the running dev stack in {state_dir} ({in_use.holder}):", flush=True)
+        else:
+            print(f"Starting the embedded dev stack in {state_dir} ...", flush=True)
+            running = stack.enter_context(embedded.started_servers(settings, record, service_url))
         print(f"  Redis (Valkey): {running.redis_url}", flush=True)
         print(f"  PostgreSQL:     {running.database_url}", flush=True)
+        if settings.emulate_aws:
+            print(f"  AWS emulator:   {running.aws_endpoint_url}", flush=True)
         yield running
 
 
 def serve(settings: Settings) -> int:
     from konnichiwa.server import Supervisor  # noqa: PLC0415  (keeps `migrate` light)
 
-    with _servers(settings) as running:
+    with _servers(settings, f"http://{settings.host}:{settings.port}") as running:
         asyncio.run(claim_database(running))  # a refusal stops here, before any worker starts
         return Supervisor(_with_dev_key(running)).run()
 
 
 def run_migrations(settings: Settings) -> int:
-    with _servers(settings) as running:
+    with _servers(settings, share=True) as running:
         applied = asyncio.run(_migrate(running.require("database_url")))
     print(f"applied migrations: {applied}" if applied else "the schema is up to date")
     return 0

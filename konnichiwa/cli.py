@@ -127,9 +127,12 @@ def _servers(
 
 
 def serve(settings: Settings) -> int:
-    from konnichiwa.server import Supervisor  # noqa: PLC0415  (keeps `migrate` light)
+    from konnichiwa.server import Supervisor, claimed_port  # noqa: PLC0415  (keeps `migrate` light)
 
-    with _servers(settings, f"http://{settings.host}:{settings.port}") as running:
+    with (
+        _servers(settings, f"http://{settings.host}:{settings.port}") as running,
+        claimed_port(running.host, running.port),
+    ):
         asyncio.run(claim_database(running))  # a refusal stops here, before any worker starts
         return Supervisor(_with_dev_key(running)).run()
 

@@ -1,8 +1,9 @@
 """Serving: a supervisor that keeps N worker processes on one port, and the worker itself.
 
-Workers bind the port with SO_REUSEPORT, so the kernel spreads connections over them. The
-supervisor replaces a worker that dies and, on SIGTERM or SIGINT, lets every worker drain its
-in-flight requests before it exits 0 — within the 30 s an ECS task gets after SIGTERM.
+Workers bind the port with SO_REUSEPORT, so the kernel spreads connections over them; the port
+is claimed for them first, against anyone else. The supervisor replaces a worker that dies and,
+on SIGTERM or SIGINT, lets every worker drain its in-flight requests before it exits 0 — within
+the 30 s an ECS task gets after SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import errno
 import gc
 import logging
 import multiprocessing
@@ -19,13 +21,14 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.synchronize import Event
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.log import access_logger
@@ -34,7 +37,7 @@ from konnichiwa.app import counted_routes, create_app
 from konnichiwa.logs import configure_logging
 from konnichiwa.protocol import ConnectionPolicy, GuardedAppRunner
 from konnichiwa.scoreboard import Scoreboard, ScoreboardFile
-from konnichiwa.settings import Settings
+from konnichiwa.settings import Settings, SettingsError
 
 log = logging.getLogger("konnichiwa.server")
 
@@ -121,6 +124,55 @@ async def _serve(settings: Settings, ready: Event, board: Scoreboard, slot: int)
     finally:
         await runner.cleanup()
     return ORPHANED in received
+
+
+@contextlib.contextmanager
+def claimed_port(host: str, port: int) -> Iterator[None]:
+    """Keep host:port for this supervisor's workers from before the first one starts until the
+    supervisor exits; SettingsError if anyone else has it, or nobody can.
+
+    SO_REUSEPORT would let a second konnichiwa (the same user, the same option) bind beside our
+    workers and take half their connections. A probe bound without it fails while anyone listens
+    on the port, or holds a guard there; our guard, bound with SO_REUSEPORT (so our workers can
+    join it) but not SO_REUSEADDR, and never listening, then makes every other program's bind
+    fail, also while a worker is being replaced. Only the few system calls between the probe and
+    the guard are open: two supervisors would both pass only by reaching them in the same
+    microseconds.
+    """
+    with contextlib.ExitStack() as guards:
+        try:
+            for family, address in _addresses(host, port):
+                with _server_socket(family) as probe:
+                    # A connection of an earlier run, in TIME_WAIT, holds nothing.
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(address)
+                guard = guards.enter_context(_server_socket(family))
+                guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                guard.bind(address)
+        except OSError as error:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if error.errno == errno.EADDRINUSE:
+                raise SettingsError(
+                    f"{where} is in use, by another konnichiwa or any other program: stop it, or "
+                    "choose another port with PORT or --port"
+                ) from None
+            raise SettingsError(
+                f"cannot listen on {where} ({error.strerror}): check HOST and PORT"
+            ) from None
+        yield
+
+
+def _addresses(host: str, port: int) -> set[tuple[socket.AddressFamily, tuple[Any, ...]]]:
+    """(family, address) of each socket the event loop listens on for host:port."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return {(family, address) for family, _, _, _, address in found}
+
+
+def _server_socket(family: socket.AddressFamily) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if family == socket.AF_INET6:  # IPv6 only, as the event loop's listening sockets are
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    return sock
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,7 @@ def test_embedded_stack_keeps_data_across_restarts(tmp_path: Path, server_dir: P
 
 
 def _serve(environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`konnichiwa serve` run to its end, with `environment` alone."""
     return subprocess.run(
         [sys.executable, "-m", "konnichiwa", "serve"],
         env={"PATH": "/usr/bin:/bin", **environment},
@@ -86,6 +88,44 @@ def test_bad_setting_refuses_to_start() -> None:
     result = _serve({"PORT": "http"})
     assert result.returncode == 2
     assert "PORT='http' is not valid: expected an integer from 1 to 65535" in result.stderr
+
+
+def _in_use(port: int) -> str:
+    return (
+        f"konnichiwa: configuration error: 127.0.0.1:{port} is in use, by another konnichiwa or "
+        "any other program: stop it, or choose another port with PORT or --port\n"
+    )
+
+
+def test_a_port_another_program_holds_refuses_to_start(
+    tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as held:  # listening, without SO_REUSEPORT
+        port = held.getsockname()[1]
+        result = _serve({
+            "REDIS_URL": redis_url, "DATABASE_URL": database_url, "HOST": "127.0.0.1",
+            "PORT": str(port), "KONNICHIWA_STATE_DIR": str(tmp_path / "state"),
+        })  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == _in_use(port)
+    assert "Serving on" not in result.stdout
+
+
+def test_a_port_another_konnichiwa_serves_refuses_to_start(
+    tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url}
+    (tmp_path / "first").mkdir()
+    with running_service(tmp_path / "first" / "serve.log", environment, "--workers", "2") as first:
+        workers = first.workers()
+        result = _serve({
+            **environment, "HOST": "127.0.0.1", "PORT": str(first.port),
+            "KONNICHIWA_STATE_DIR": str(tmp_path / "second"),
+        })  # fmt: skip
+        assert first.workers() == workers
+        assert _serving(first)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == _in_use(first.port)
 
 
 async def _ready_status(session: aiohttp.ClientSession, url: str) -> int:

@@ -131,9 +131,14 @@ return {held[1] or '0', held[2] or '0', entries}
 """)
 
 PERSIST: Final = "SELECT audit_persist_batch($1)"  # see migrations 0004 and 0005
+# A page holds 100 rows at most (the largest limit, schemas.PageQuery). Saying so caps the
+# planner's guess at the rows of a range whose bounds it cannot see (a share of the table:
+# thousands of rows at a million), so the plan made once for any bounds costs no more than one
+# made for the call's own: Postgres keeps that generic plan at any size instead of planning
+# every call afresh.
 PAGE: Final = """
 SELECT seq, changed_at, old_counter, new_counter, old_message, new_message, update_type
-FROM audit_log WHERE seq <= $1 AND seq > $2 ORDER BY seq DESC
+FROM audit_log WHERE seq <= $1 AND seq > $2 ORDER BY seq DESC LIMIT 100
 """
 
 
@@ -377,7 +382,8 @@ def outbox_entry(row: AuditRow) -> AuditEntry:
 
 
 async def read_page(pool: asyncpg.Pool, high: int, low: int) -> list[AuditEntry]:
-    """Rows low < seq <= high, newest first: a range scan on the dense sequence, no OFFSET."""
+    """Rows low < seq <= high (a page: 100 at most), newest first: a range scan on the dense
+    sequence, no OFFSET."""
     if high <= low:
         return []
     async with bounded_connection(pool) as conn:

@@ -13,8 +13,8 @@ import msgspec
 import pytest
 import redis.asyncio
 
-from konnichiwa.audit import OUTBOX_KEPT, audit_backlog, persist, read_page
-from konnichiwa.schemas import AuditBacklog, UpdateRequest, rfc3339
+from konnichiwa.audit import OUTBOX_KEPT, PAGE, audit_backlog, persist, read_page
+from konnichiwa.schemas import AuditBacklog, PageQuery, UpdateRequest, rfc3339
 from konnichiwa.state import (
     MAX_UPDATE_BATCH,
     Change,
@@ -22,6 +22,7 @@ from konnichiwa.state import (
     apply_changes,
     apply_update,
 )
+from konnichiwa.testing import grow_audit_log
 from tests.support import FULL_AUTH, Client, drained_readiness
 
 
@@ -233,8 +234,10 @@ async def _persisted(client: Client) -> dict[str, object]:
 async def _postgres_entries(database_url: str, high: int) -> list[dict[str, object]]:
     """Rows 1..high as Postgres holds them, in the answer's form, newest first."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    entries: list[dict[str, object]] = []
     try:
-        entries: list[dict[str, object]] = msgspec.to_builtins(await read_page(pool, high, 0))
+        for top in range(high, 0, -100):  # a page at most
+            entries += msgspec.to_builtins(await read_page(pool, top, max(0, top - 100)))
     finally:
         await pool.close()
     return entries
@@ -356,3 +359,40 @@ async def test_a_redis_that_lost_data_resumes_after_the_audit_log(
     assert answer["seq"] == 4
     assert answer["old_state"] == {"counter": 30, "message": "v3"}
     assert (await _logs(client))["total"] == 4
+
+
+async def test_pages_of_a_million_changes_keep_one_plan(pool: asyncpg.Pool) -> None:
+    """Uncached pages anywhere in a large log: Postgres plans the page statement once (an index
+    range scan for any bounds), not afresh for each call's bounds."""
+    async with pool.acquire() as conn:
+        await grow_audit_log(conn, 1_000_000)
+    bounds = [(9_000 * limit, 9_000 * limit - limit) for limit in range(1, 101, 5)]
+    for high, low in bounds:
+        entries = await read_page(pool, high, low)
+        assert [entry.id for entry in entries] == list(range(high, low, -1))
+    plans = await pool.fetchrow(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+        PAGE,
+    )
+    assert plans is not None
+    # The first five calls are planned for their own bounds; the generic plan is kept after.
+    assert (plans["custom_plans"], plans["generic_plans"]) == (5, len(bounds) - 5)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"PREPARE page (bigint, bigint) AS {PAGE}")
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        plan = "\n".join(row[0] for row in await conn.fetch("EXPLAIN EXECUTE page(500000, 0)"))
+        await conn.execute("DEALLOCATE page")
+    assert "Index Scan Backward using audit_log_pkey" in plan
+    assert "Sort" not in plan
+    assert "rows=100 " in plan, plan  # the planner's guess, whatever the table's size
+
+
+async def test_a_page_of_the_largest_limit_is_whole(pool: asyncpg.Pool) -> None:
+    """The page statement's own cap lets the largest page the API accepts through whole."""
+    largest: int = msgspec.json.schema(PageQuery)["$defs"]["PageQuery"]["properties"]["limit"][
+        "maximum"
+    ]
+    async with pool.acquire() as conn:
+        await grow_audit_log(conn, largest)
+    entries = await read_page(pool, largest, 0)
+    assert [entry.id for entry in entries] == list(range(largest, 0, -1))

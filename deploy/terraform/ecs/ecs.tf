@@ -176,7 +176,7 @@ resource "aws_ecs_service" "service" {
   depends_on = [aws_lb_listener.https]
 }
 
-# --- Autoscaling and alarms -------------------------------------------------------------------
+# --- Autoscaling (the alarms are in alarms.tf) ------------------------------------------------
 
 resource "aws_appautoscaling_target" "service" {
   for_each           = local.roles
@@ -211,26 +211,5 @@ resource "aws_appautoscaling_policy" "service" {
     predefined_metric_specification {
       predefined_metric_type = each.value.metric
     }
-  }
-}
-
-resource "aws_cloudwatch_metric_alarm" "cpu" {
-  for_each            = local.roles
-  alarm_name          = "${local.name}-${each.key}-cpu-high"
-  alarm_description   = "Konnichiwa ${each.key}: average CPU above 70 % for 5 minutes"
-  namespace           = "AWS/ECS"
-  metric_name         = "CPUUtilization"
-  statistic           = "Average"
-  period              = 60
-  evaluation_periods  = 5
-  threshold           = 70
-  comparison_operator = "GreaterThanThreshold"
-  treat_missing_data  = "notBreaching"
-  alarm_actions       = var.alarm_topic_arn == "" ? [] : [var.alarm_topic_arn]
-  ok_actions          = var.alarm_topic_arn == "" ? [] : [var.alarm_topic_arn]
-
-  dimensions = {
-    ClusterName = aws_ecs_cluster.main.name
-    ServiceName = aws_ecs_service.service[each.key].name
   }
 }

@@ -185,7 +185,7 @@ variable "cache_node_type" {
 
 variable "alarm_topic_arn" {
   type        = string
-  description = "SNS topic the CPU and memory alarms notify; empty for no notification."
+  description = "SNS topic every CloudWatch alarm notifies; empty for no notification."
   default     = ""
 
   validation {

@@ -7,8 +7,11 @@ drift, or a burst of noise during one round, does not tilt a verdict.
     python -m loadtests.bench --rounds 5 --endpoint "GET /status" --endpoint "POST /update"
     python -m loadtests.bench --appendfsync always --endpoint "POST /update"
 
-The service runs on a Valkey the benchmark starts, with fsync every second by default: the
-table's targets were set for that; `--appendfsync always` measures the shipped durable setting.
+The service runs on a Valkey and a Postgres the benchmark starts: `POST /update` is measured once
+on a Valkey that fsyncs every second and once on one that fsyncs every write (the shipped
+setting), each with the changes carried per fsync; the reads on the first of them. Pages are read
+at page 1 and, a different page and limit each request among the older half, at 10k and 1M audit
+rows and users, written straight into Postgres.
 
 Prints a table, saves JSON and a bar chart PNG under loadtests/results/, exits 1 when a target of
 the table in the README is missed.
@@ -17,7 +20,10 @@ the table in the README is missed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import platform
@@ -32,8 +38,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import asyncpg
+import redis
+
 from konnichiwa.auth import new_api_key
-from konnichiwa.embedded import VALKEY_CONFIG, valkey_server
+from konnichiwa.embedded import VALKEY_CONFIG, postgres_server, valkey_server
+from konnichiwa.health import FRESH_FOR
+from konnichiwa.testing import grow_audit_log, grow_users
 from loadtests.plan import UNTHROTTLED
 from tests.support import ServiceProcess, free_port, http_get, running_service
 
@@ -42,9 +53,14 @@ UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 RSS_EARLY, RSS_LATE, RSS_MAX_GROWTH = 200_000, 1_000_000, 0.05
 
 
+SMALL, LARGE = 10_000, 1_000_000  # audit rows and users in the database
+FSYNC_POLICIES = ("everysec", "always")  # Valkey's appendfsync: each second, each write
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """What wrk sends, and what the service must reach relative to the reference."""
+    """What wrk sends, on what data and Valkey, and what the service must reach relative to the
+    reference."""
 
     name: str
     path: str
@@ -53,17 +69,61 @@ class Endpoint:
     method: str = "GET"
     body: str = ""
     authorised: bool = False
+    rows: int = SMALL  # the audit rows and users the database holds while it is measured
+    random_pages: bool = False  # a page and limit of its own per request, among the older half
+    appendfsync: str | None = None  # a write: the fsync policy of the Valkey it is measured on
+
+    @property
+    def label(self) -> str:
+        """The name, and for a write its fsync policy, for a page read the data's size."""
+        if self.appendfsync is not None:
+            return f"{self.name} ({self.appendfsync})"
+        if self.rows == SMALL and not self.random_pages:
+            return self.name
+        size = f"{self.rows // LARGE}M" if self.rows >= LARGE else f"{self.rows // 1000}k"
+        return f"{self.name}, {size} rows"
 
 
 ENDPOINTS = (
-    Endpoint("GET /", "/", 0.85, 10),
-    Endpoint("GET /health", "/health", 0.85, 10),
-    Endpoint("GET /status", "/status", 0.60, 15),
-    Endpoint("GET /inspect", "/inspect", 0.50, 15, authorised=True),
-    Endpoint("POST /update", "/update", 0.35, 25, "POST", '{"increment":1}', authorised=True),
-    Endpoint("GET /logs", "/logs?page=1&limit=10", 0.30, 25),
-    Endpoint("GET /users", "/users?page=1&limit=10", 0.30, 25, authorised=True),
-)
+    Endpoint("GET /", "/", 0.95, 10),
+    Endpoint("GET /health", "/health", 0.95, 10),
+    Endpoint("GET /status", "/status", 0.80, 15),
+    Endpoint("GET /inspect", "/inspect", 0.75, 15, authorised=True),
+    Endpoint("POST /update", "/update", 0.50, 15, "POST", '{"increment":1}', authorised=True,
+             appendfsync="everysec"),
+    Endpoint("POST /update", "/update", 0.35, 15, "POST", '{"increment":1}', authorised=True,
+             appendfsync="always"),
+    Endpoint("GET /logs", "/logs?page=1&limit=10", 0.65, 25, rows=LARGE),
+    Endpoint("GET /logs random pages", "/logs", 0.40, 25, random_pages=True),
+    Endpoint("GET /logs random pages", "/logs", 0.40, 25, rows=LARGE, random_pages=True),
+    Endpoint("GET /users", "/users?page=1&limit=10", 0.65, 25, authorised=True, rows=LARGE),
+    Endpoint("GET /users random pages", "/users", 0.40, 25, authorised=True, random_pages=True),
+    Endpoint("GET /users random pages", "/users", 0.40, 25, authorised=True, rows=LARGE,
+             random_pages=True),
+)  # fmt: skip
+
+
+def selected(names: Sequence[str] | None, policies: Sequence[str]) -> list[Endpoint]:
+    """The endpoints named (all without names), writes only for the fsync policies given."""
+    return [
+        e
+        for e in ENDPOINTS
+        if (not names or e.name in names) and e.appendfsync in (None, *policies)
+    ]
+
+
+def plan(chosen: Sequence[Endpoint], policies: Sequence[str]) -> list[tuple[str, list[Endpoint]]]:
+    """A Valkey per fsync policy with the endpoints measured on it, in order: the reads on the
+    first one's, by the size of their data (which only grows), then its writes (the rows written
+    straight into Postgres take the numbers after the newest: none may be taken by a change)."""
+    stacks = []
+    for number, policy in enumerate(policies):
+        measured = [
+            e for e in chosen if e.appendfsync == policy or (e.appendfsync is None and number == 0)
+        ]
+        if measured:
+            stacks.append((policy, sorted(measured, key=lambda e: (e.appendfsync or "", e.rows))))
+    return stacks
 
 
 @dataclass(frozen=True)
@@ -89,6 +149,7 @@ class Result:
     persisted_per_second: float | None = None  # writes: the rate at which Postgres caught up
     persisted_ratio: float | None = None
     round_ratios: tuple[float, ...] = ()  # every round's, the reported one among them
+    changes_per_turn: float | None = None  # writes: see Round
 
     @property
     def met(self) -> bool:
@@ -120,9 +181,30 @@ def parse_wrk(output: str) -> Measurement:
     return Measurement(float(rate[1]), latency("50"), latency("99"), int(total[1]), errors)
 
 
+# Each request a page and limit of its own among the older half of `rows`: pages no cache holds.
+# Limits of 5 to 15, 10 on average as on page 1, so the two rows differ in caching, not in size.
+# Each thread draws its own.
+RANDOM_PAGES = """
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("number", threads)
+end
+function init(args)
+  math.randomseed(os.time() * 100 + number)
+end
+function request()
+  local limit = math.random(5, 15)
+  local pages = math.floor({rows} / limit)
+  local page = math.random(math.floor(pages / 2) + 1, pages)
+  return wrk.format(nil, "{path}?page=" .. page .. "&limit=" .. limit)
+end
+"""
+
+
 def wrk_script(endpoint: Endpoint, api_key: str, folder: Path) -> Path:
-    """A wrk Lua script setting the method, body and headers of the endpoint's request."""
-    script = folder / f"{re.sub(r'[^a-z]+', '-', endpoint.name.lower())}.lua"
+    """A wrk Lua script setting the method, body and headers of the endpoint's requests."""
+    script = folder / f"{re.sub(r'[^a-z0-9]+', '-', endpoint.label.lower())}.lua"
     lines = [f'wrk.method = "{endpoint.method}"']
     if endpoint.body:
         lines += [
@@ -131,6 +213,8 @@ def wrk_script(endpoint: Endpoint, api_key: str, folder: Path) -> Path:
         ]
     if endpoint.authorised:
         lines.append(f'wrk.headers["Authorization"] = "Bearer {api_key}"')
+    if endpoint.random_pages:
+        lines.append(RANDOM_PAGES.format(rows=endpoint.rows, path=endpoint.path))
     script.write_text("\n".join(lines) + "\n")
     return script
 
@@ -186,17 +270,46 @@ def reference_app(workers: int) -> Iterator[str]:
         process.wait(10)
 
 
-def post_json(url: str, body: dict[str, object], api_key: str) -> None:
-    request = urllib.request.Request(  # noqa: S310  (loopback URL of the service under test)
-        url, json.dumps(body).encode(), {"Content-Type": "application/json",
-                                        "Authorization": f"Bearer {api_key}"},
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=5):  # noqa: S310
-        pass
+@dataclass
+class Stack:
+    """The service on a Valkey and a Postgres of its own; the rows its database was grown to."""
+
+    service: ServiceProcess
+    valkey_url: str
+    database_url: str
+    rows: int = 0
 
 
-def audit_total(base: str) -> int:
-    """The audit log's size once Postgres holds every acknowledged change (waits for it)."""
+@contextlib.contextmanager
+def stack(folder: Path, appendfsync: str, environment: dict[str, str]) -> Iterator[Stack]:
+    """Start Valkey fsyncing as `appendfsync`, Postgres, and the service on them."""
+    valkey = {**VALKEY_CONFIG, "appendfsync": appendfsync}
+    with (
+        valkey_server(folder / "valkey", config=valkey) as valkey_url,
+        postgres_server(folder / "postgres") as database_url,
+        running_service(
+            folder / "service.log",
+            {**environment, "REDIS_URL": valkey_url, "DATABASE_URL": database_url},
+        ) as service,
+    ):
+        yield Stack(service, valkey_url, database_url)
+
+
+def persisted_total(base: str) -> int:
+    """The audit log's size once Postgres holds every change acknowledged before the call
+    (waits for the outbox to drain; a readiness answer counts from FRESH_FOR after the call)."""
+    fresh_from = time.monotonic() + FRESH_FOR
+    while True:
+        asked = time.monotonic()
+        status, body = http_get(base + "/health/ready", timeout=5)
+        backlog = json.loads(body).get("audit_backlog") if status == 200 else None
+        if backlog is not None and backlog["entries"] == 0 and asked >= fresh_from:
+            return logs_total(base)
+        time.sleep(0.05)
+
+
+def logs_total(base: str) -> int:
+    """The number of changes /logs reports."""
     while True:
         status, body = http_get(base + "/logs?limit=1", timeout=5)
         if status == 200:
@@ -204,11 +317,35 @@ def audit_total(base: str) -> int:
             return total
 
 
-def seed(base: str, api_key: str) -> None:
-    """A few changes and users, so /logs and /users answer full pages."""
-    for n in range(20):
-        post_json(base + "/update", {"increment": 1, "message": f"seed {n}"}, api_key)
-        post_json(base + "/users", {"name": "Yamada Taro", "email": f"seed{n}@example.jp"}, api_key)
+def grow(stack: Stack, rows: int) -> None:
+    """Grow the audit log and the users to `rows` straight in Postgres, and wait until the
+    service's Redis carries on after them (each consumer checks every audit.CLAIM_EVERY)."""
+
+    async def write() -> None:
+        connection = await asyncpg.connect(stack.database_url)
+        try:
+            await grow_audit_log(connection, rows)
+            await grow_users(connection, rows)
+        finally:
+            await connection.close()
+
+    asyncio.run(write())
+    deadline = time.monotonic() + 30
+    while logs_total(stack.service.url) < rows:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not take up the {rows:,} rows written")
+        time.sleep(0.2)
+    stack.rows = rows
+
+
+def valkey_turns(url: str) -> int:
+    """How many turns Valkey's event loop has made (INFO stats)."""
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("stats")
+    finally:
+        client.close()
+    return int(stats["eventloop_cycles"])
 
 
 @dataclass(frozen=True)
@@ -217,7 +354,11 @@ class Round:
 
     figures: Measurement
     baseline: float
-    persisted_per_second: float | None  # writes: the rate at which Postgres caught up
+    persisted_per_second: float | None = None  # writes: the rate at which Postgres caught up
+    # Writes: changes per turn of Valkey's event loop. A turn writes the append-only file once
+    # and, under appendfsync always, fsyncs it once if it wrote; Valkey counts turns, not fsyncs,
+    # so this is at most the changes per fsync (turns that wrote nothing count too).
+    changes_per_turn: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -232,26 +373,28 @@ def median_round(rounds: Sequence[Round]) -> Round:
 def result_of(endpoint: Endpoint, rounds: Sequence[Round]) -> Result:
     chosen = median_round(rounds)
     m, baseline, persisted = chosen.figures, chosen.baseline, chosen.persisted_per_second
+    per_turn = chosen.changes_per_turn
     return Result(
-        endpoint.name, m.requests_per_second, m.p50_ms, m.p99_ms, round(baseline),
+        endpoint.label, m.requests_per_second, m.p50_ms, m.p99_ms, round(baseline),
         round(chosen.ratio, 3), endpoint.min_ratio, endpoint.max_p99_ms,
         sum(r.figures.errors for r in rounds), persisted,
         None if persisted is None else round(persisted / baseline, 3),
-        tuple(round(r.ratio, 3) for r in rounds),
+        tuple(round(r.ratio, 3) for r in rounds), None if per_turn is None else round(per_turn, 1),
     )  # fmt: skip
 
 
-def measure(
-    base: str, endpoint: Endpoint, script: Path, options: argparse.Namespace
-) -> tuple[Measurement, float | None]:
-    """wrk against one endpoint; for writes, also the rate persisted to Postgres."""
-    url = base + endpoint.path
+def measure(stack: Stack, endpoint: Endpoint, script: Path, options: argparse.Namespace) -> Round:
+    """wrk against one endpoint (no baseline yet); for writes, also the rate persisted to
+    Postgres and the changes per Valkey turn."""
+    url = stack.service.url + endpoint.path
     if endpoint.method == "GET":
-        return run_wrk(url, options.duration, options.connections, script), None
-    before, started = audit_total(base), time.monotonic()
+        return Round(run_wrk(url, options.duration, options.connections, script), 0.0)
+    before, started = persisted_total(stack.service.url), time.monotonic()
+    turns = valkey_turns(stack.valkey_url)
     figures = run_wrk(url, options.duration, options.connections, script)
-    persisted = audit_total(base) - before
-    return figures, persisted / (time.monotonic() - started)
+    turns = valkey_turns(stack.valkey_url) - turns
+    changes = persisted_total(stack.service.url) - before
+    return Round(figures, 0.0, changes / (time.monotonic() - started), changes / max(turns, 1))
 
 
 @dataclass(frozen=True)
@@ -329,15 +472,18 @@ def report(results: Sequence[Result], reference: Sequence[Measurement]) -> str:
     lines = [
         "reference (bare aiohttp) runs: "
         + ", ".join(f"{m.requests_per_second:,.0f}/s p99 {m.p99_ms:.1f} ms" for m in reference),
-        f"{'endpoint':<15}{'req/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'ref/s':>9}{'ratio':>7}"
+        f"{'endpoint':<34}{'req/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'ref/s':>9}{'ratio':>7}"
         f"{'target':>8}{'p99 <':>7}  verdict",
     ]
     for r in results:
         persisted = (
-            f"  ({r.persisted_per_second:,.0f}/s persisted)" if r.persisted_per_second else ""
+            f"  ({r.persisted_per_second:,.0f}/s persisted, {r.changes_per_turn} changes per "
+            "Valkey turn)"
+            if r.persisted_per_second
+            else ""
         )
         lines.append(
-            f"{r.endpoint:<15}{r.requests_per_second:>10,.0f}{r.p50_ms:>8.2f}{r.p99_ms:>8.2f}"
+            f"{r.endpoint:<34}{r.requests_per_second:>10,.0f}{r.p50_ms:>8.2f}{r.p99_ms:>8.2f}"
             f"{r.reference_per_second:>9,.0f}{r.ratio:>7.2f}"
             f"{r.min_ratio:>8.2f}{r.max_p99_ms:>7.0f}  "
             f"{'met' if r.met else 'MISSED'}{persisted}"
@@ -359,9 +505,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="measure only these (repeatable)",
     )  # fmt: skip
     parser.add_argument(
-        "--appendfsync", choices=("everysec", "always"), default="everysec",
-        help="the fsync policy of the Valkey the service runs on (the table's targets are for "
-        "everysec; the shipped default is always)",
+        "--appendfsync", action="append", choices=FSYNC_POLICIES,
+        help="measure writes only on a Valkey with this fsync policy (repeatable; default: each "
+        "in turn); the reads run on the first",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, help="JSON file (default: results/bench-<time>)")
     return parser.parse_args(argv)
@@ -370,7 +516,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_arguments(argv)
     ensure_wrk()
-    chosen = [e for e in ENDPOINTS if not options.endpoint or e.name in options.endpoint]
+    policies = options.appendfsync or FSYNC_POLICIES
+    stacks = plan(selected(options.endpoint, policies), policies)
     output = options.output or RESULTS / time.strftime("bench-%Y%m%d-%H%M%S.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     api_key = new_api_key()
@@ -380,34 +527,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         "WORKERS": str(options.workers),
         **UNTHROTTLED,  # the limiter runs on every request, but wrk's one address is not refused
     }
-    valkey = {**VALKEY_CONFIG, "appendfsync": options.appendfsync}
-    with tempfile.TemporaryDirectory(prefix="konnichiwa-bench-") as scratch:
-        folder = Path(scratch)
-        with (
-            valkey_server(folder / "valkey", config=valkey) as redis_url,
-            reference_app(options.workers) as reference_url,
-            running_service(
-                folder / "service.log", {**environment, "REDIS_URL": redis_url}
-            ) as service,
-        ):
-            seed(service.url, api_key)
-            reference = [run_wrk(reference_url, options.duration, options.connections)]
-            results = []
-            memory = MemoryWatch(service, api_key)
-            for endpoint in chosen:
-                script = wrk_script(endpoint, api_key, folder)
-                run_wrk(service.url + endpoint.path, 2, options.connections, script)  # warm-up
-                rounds = []
-                for _ in range(options.rounds):
-                    figures, persisted = measure(service.url, endpoint, script, options)
-                    reference.append(run_wrk(reference_url, options.duration, options.connections))
-                    around = reference[-2].requests_per_second + reference[-1].requests_per_second
-                    rounds.append(Round(figures, around / 2, persisted))
-                    memory.observe()
-                results.append(result_of(endpoint, rounds))
-            growth = memory.finish(
-                lambda: run_wrk(service.url + "/status", options.duration, options.connections)
-            )
+    measured: dict[Endpoint, Result] = {}
+    growth: MemoryGrowth | None = None
+    with (
+        tempfile.TemporaryDirectory(prefix="konnichiwa-bench-") as scratch,
+        reference_app(options.workers) as reference_url,
+    ):
+        reference = [run_wrk(reference_url, options.duration, options.connections)]
+        for policy, endpoints in stacks:
+            folder = Path(scratch) / policy
+            with stack(folder, policy, environment) as running:
+                memory = MemoryWatch(running.service, api_key) if growth is None else None
+                for endpoint in endpoints:
+                    if endpoint.rows > running.rows:
+                        grow(running, endpoint.rows)
+                    script = wrk_script(endpoint, api_key, folder)
+                    url = running.service.url + endpoint.path
+                    run_wrk(url, 2, options.connections, script)  # warm-up
+                    rounds = []
+                    for _ in range(options.rounds):
+                        measurement = measure(running, endpoint, script, options)
+                        reference.append(
+                            run_wrk(reference_url, options.duration, options.connections)
+                        )
+                        around = (
+                            reference[-2].requests_per_second + reference[-1].requests_per_second
+                        )
+                        rounds.append(dataclasses.replace(measurement, baseline=around / 2))
+                        if memory is not None:
+                            memory.observe()
+                    measured[endpoint] = result_of(endpoint, rounds)
+                if memory is not None:
+                    status = running.service.url + "/status"
+                    more = functools.partial(run_wrk, status, options.duration, options.connections)
+                    growth = memory.finish(more)
+    assert growth is not None
+    results = [measured[e] for e in ENDPOINTS if e in measured]  # in the table's order
     print(report(results, reference))
     print(
         f"worker RSS {sorted(growth.early_rss.values())} bytes after {growth.early_requests:,} "
@@ -423,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "platform": platform.platform(),
                 },
                 "settings": {
-                    "appendfsync": options.appendfsync,
+                    "appendfsync": list(policies),
                     "workers": options.workers,
                     "duration_s": options.duration,
                     "rounds": options.rounds,

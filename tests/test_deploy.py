@@ -787,23 +787,26 @@ def test_cloudwatch_alarms_have_the_levels_of_the_prometheus_alerts() -> None:
 
 
 def test_cloudwatch_watches_the_objective_and_the_tasks_health() -> None:
-    alarms = terraform_blocks(ECS, "resource", "aws_cloudwatch_metric_alarm")
-    latency = alarms["latency"]
-    assert (latency["metric_name"], latency["extended_statistic"]) == ("TargetResponseTime", "p95")
-    recording = (PROMETHEUS / "rules" / "recording.yml").read_text()
-    assert latency["threshold"] == 0.3
-    assert 'le="0.3"' in recording
-    health = {name: alarms[name]["metric_name"] for name in ("unhealthy_tasks", "no_healthy_task")}
+    levels = terraform_locals(ECS)["target_levels"]
+    latency = levels["latency"]
+    assert (latency["metric"], latency["statistic"], latency["threshold"]) == (
+        "TargetResponseTime",
+        "p95",
+        0.3,
+    )
+    assert 'le="0.3"' in (PROMETHEUS / "rules" / "recording.yml").read_text()
+    health = {name: levels[name]["metric"] for name in ("unhealthy-tasks", "no-healthy-task")}
     assert health == {
-        "unhealthy_tasks": "UnHealthyHostCount",
-        "no_healthy_task": "HealthyHostCount",
+        "unhealthy-tasks": "UnHealthyHostCount",
+        "no-healthy-task": "HealthyHostCount",
     }
-    for name in ("utilization", "server_errors", "latency", "unhealthy_tasks", "no_healthy_task"):
+    alarms = terraform_blocks(ECS, "resource", "aws_cloudwatch_metric_alarm")
+    for name in ("utilization", "server_errors", "target"):
         assert alarms[name]["alarm_actions"] == "${local.alarm_actions}", name
-    queries = {q["id"]: q for q in map(unwrap, alarms["server_errors"]["metric_query"])}
-    assert queries["share"]["expression"] == "100 * FILL(errors, 0) / requests"
-    metrics = {name: queries[name]["metric"]["metric_name"] for name in ("errors", "requests")}
-    assert metrics == {"errors": "HTTPCode_Target_5XX_Count", "requests": "RequestCount"}
+    share = alarms["server_errors"]
+    assert share["metric_query"]["expression"] == "100 * FILL(errors, 0) / requests"
+    counts = share["dynamic"]["metric_query"]
+    assert counts["for_each"] == {"errors": "HTTPCode_Target_5XX_Count", "requests": "RequestCount"}
 
 
 def volume_targets(service: dict[str, Any]) -> dict[str, str]:

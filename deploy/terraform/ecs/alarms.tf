@@ -26,6 +26,39 @@ locals {
     for pair in setproduct(local.roles, keys(local.server_error_levels)) :
     "${pair[0]}-${pair[1]}" => merge(local.server_error_levels[pair[1]], { role = pair[0] })
   }
+  target_levels = {
+    "latency" = {
+      metric       = "TargetResponseTime"
+      statistic    = "p95"
+      comparison   = "GreaterThanThreshold"
+      threshold    = 0.3
+      minutes      = 15
+      missing_data = "notBreaching"
+      meaning      = "p95 of the time to answer above 300 ms"
+    }
+    "unhealthy-tasks" = {
+      metric       = "UnHealthyHostCount"
+      statistic    = "Maximum"
+      comparison   = "GreaterThanThreshold"
+      threshold    = 0
+      minutes      = 2
+      missing_data = "notBreaching"
+      meaning      = "a task failing its readiness check (Redis or Postgres down)"
+    }
+    "no-healthy-task" = {
+      metric       = "HealthyHostCount"
+      statistic    = "Minimum"
+      comparison   = "LessThanThreshold"
+      threshold    = 1
+      minutes      = 2
+      missing_data = "breaching"
+      meaning      = "no healthy task behind the load balancer"
+    }
+  }
+  target_alarms = {
+    for pair in setproduct(local.roles, keys(local.target_levels)) :
+    "${pair[0]}-${pair[1]}" => merge(local.target_levels[pair[1]], { role = pair[0] })
+  }
   target_dimensions = {
     for role in local.roles : role => {
       LoadBalancer = aws_lb.main.arn_suffix
@@ -86,84 +119,42 @@ resource "aws_cloudwatch_metric_alarm" "server_errors" {
     return_data = true
   }
 
-  metric_query {
-    id = "errors"
+  dynamic "metric_query" {
+    for_each = { errors = "HTTPCode_Target_5XX_Count", requests = "RequestCount" }
 
-    metric {
-      namespace   = "AWS/ApplicationELB"
-      metric_name = "HTTPCode_Target_5XX_Count"
-      period      = 60
-      stat        = "Sum"
-      dimensions  = local.target_dimensions[each.value.role]
-    }
-  }
+    content {
+      id = metric_query.key
 
-  metric_query {
-    id = "requests"
-
-    metric {
-      namespace   = "AWS/ApplicationELB"
-      metric_name = "RequestCount"
-      period      = 60
-      stat        = "Sum"
-      dimensions  = local.target_dimensions[each.value.role]
+      metric {
+        namespace   = "AWS/ApplicationELB"
+        metric_name = metric_query.value
+        period      = 60
+        stat        = "Sum"
+        dimensions  = local.target_dimensions[each.value.role]
+      }
     }
   }
 }
 
-# The latency objective (95 % within 300 ms). A CloudWatch alarm has one window, so there is no
-# pair of burn-rate windows: this fires when the p95 the load balancer measured stayed above
-# 300 ms for 15 minutes (the budget burning faster than it may, for long enough to matter).
-resource "aws_cloudwatch_metric_alarm" "latency" {
-  for_each            = local.roles
-  alarm_name          = "${local.name}-${each.key}-latency"
-  alarm_description   = "Konnichiwa ${each.key}: p95 of the time to answer above 300 ms for 15 minutes"
+# Per role, on the load balancer's view of the tasks. The latency objective (95 % within 300 ms):
+# a CloudWatch alarm has one window, so there is no pair of burn-rate windows; it fires when the
+# p95 stayed above 300 ms for 15 minutes. Readiness fails while Redis or Postgres does not answer
+# (KonnichiwaDependencyDown), so the load balancer counts the task unhealthy; with no healthy task
+# at all (KonnichiwaDown everywhere) it answers 503 itself.
+resource "aws_cloudwatch_metric_alarm" "target" {
+  for_each            = local.target_alarms
+  alarm_name          = "${local.name}-${each.key}"
+  alarm_description   = "Konnichiwa ${each.value.role}: ${each.value.meaning} for ${each.value.minutes} minutes"
   namespace           = "AWS/ApplicationELB"
-  metric_name         = "TargetResponseTime"
-  extended_statistic  = "p95"
+  metric_name         = each.value.metric
+  statistic           = startswith(each.value.statistic, "p") ? null : each.value.statistic
+  extended_statistic  = startswith(each.value.statistic, "p") ? each.value.statistic : null
   period              = 60
-  evaluation_periods  = 15
-  threshold           = 0.3
-  comparison_operator = "GreaterThanThreshold"
-  treat_missing_data  = "notBreaching"
+  evaluation_periods  = each.value.minutes
+  threshold           = each.value.threshold
+  comparison_operator = each.value.comparison
+  treat_missing_data  = each.value.missing_data
   alarm_actions       = local.alarm_actions
   ok_actions          = local.alarm_actions
-  dimensions          = local.target_dimensions[each.key]
-}
-
-# Readiness fails while Redis or Postgres does not answer (KonnichiwaDependencyDown): the load
-# balancer then counts the task unhealthy.
-resource "aws_cloudwatch_metric_alarm" "unhealthy_tasks" {
-  for_each            = local.roles
-  alarm_name          = "${local.name}-${each.key}-unhealthy-tasks"
-  alarm_description   = "Konnichiwa ${each.key}: a task has failed its readiness check (Redis or Postgres down) for 2 minutes"
-  namespace           = "AWS/ApplicationELB"
-  metric_name         = "UnHealthyHostCount"
-  statistic           = "Maximum"
-  period              = 60
-  evaluation_periods  = 2
-  threshold           = 0
-  comparison_operator = "GreaterThanThreshold"
-  treat_missing_data  = "notBreaching"
-  alarm_actions       = local.alarm_actions
-  ok_actions          = local.alarm_actions
-  dimensions          = local.target_dimensions[each.key]
-}
-
-# No task answers at all (KonnichiwaDown for every task): the load balancer answers 503 itself.
-resource "aws_cloudwatch_metric_alarm" "no_healthy_task" {
-  for_each            = local.roles
-  alarm_name          = "${local.name}-${each.key}-no-healthy-task"
-  alarm_description   = "Konnichiwa ${each.key}: no healthy task behind the load balancer for 2 minutes"
-  namespace           = "AWS/ApplicationELB"
-  metric_name         = "HealthyHostCount"
-  statistic           = "Minimum"
-  period              = 60
-  evaluation_periods  = 2
-  threshold           = 1
-  comparison_operator = "LessThanThreshold"
-  treat_missing_data  = "breaching"
-  alarm_actions       = local.alarm_actions
-  ok_actions          = local.alarm_actions
-  dimensions          = local.target_dimensions[each.key]
+  dimensions          = local.target_dimensions[each.value.role]
 }

@@ -2,8 +2,9 @@
 
 Nothing here blocks a handler for long. Each worker runs one sampler: once a second it reads
 psutil on the loop (about 1 ms of /proc reads), writes its own process figures into its
-scoreboard slot, and takes the readiness check's answer for Redis, Postgres and the audit backlog. `cpu_percent` is primed
-when the worker starts, so even the first answer is a real figure. `/inspect` then only copies
+scoreboard slot, and takes the readiness check's answer for Redis, Postgres and the audit
+backlog. `cpu_percent` is primed when the worker starts, so even the first answer is a real
+figure. `/inspect` then only copies
 the latest samples and adds up every worker's scoreboard slot (see scoreboard.py for why shared
 memory): far under a millisecond of CPU, and service-wide whichever worker answers.
 """

@@ -191,7 +191,7 @@ class ServiceLatency:
 
     def summary(self) -> str:
         """A line per route and one for all: requests and p50/p95/p99, each the upper bound of
-        the 1-2-5 bucket it falls in (so 'p99 10' reads: 99 % were answered within 10 ms)."""
+        the 1-2-3-5 bucket it falls in (so 'p99 10' reads: 99 % were answered within 10 ms)."""
         rows = {route: b for route, b in self.histograms.items() if max(b.values(), default=0)}
         everything: dict[float, float] = {}
         for buckets in rows.values():

@@ -236,7 +236,7 @@ locals {
 }
 
 resource "aws_secretsmanager_secret" "service" {
-  #checkov:skip=CKV2_AWS_57:rotation means changing the RDS/ElastiCache passwords with the secret; rotate API keys by adding one to API_KEYS (see README)
+  #checkov:skip=CKV2_AWS_57:rotation means changing the RDS/ElastiCache passwords with the secret; rotate API keys by adding one to API_KEYS (see docs/configuration.md, "API keys")
   for_each                = local.secret_values
   name                    = "konnichiwa/${var.environment}/${each.key}"
   description             = "Konnichiwa ${each.key} for the ${var.environment} tasks"

@@ -17,6 +17,9 @@ _encode = msgspec.json.Encoder().encode
 # Every other library logs warnings and errors only, unless LOG_LEVEL names it.
 OWN_LOGGERS: Final = ("konnichiwa", "aiohttp")
 LIBRARY_LEVEL: Final = "WARNING"
+# Libraries that turn their own logger up to INFO when it has no level (werkzeug, under the dev
+# stack's AWS emulator, logs every request): held at LIBRARY_LEVEL too, unless named.
+SELF_RAISING: Final = ("werkzeug",)
 
 
 class RequestIdFilter(logging.Filter):
@@ -59,5 +62,7 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(LIBRARY_LEVEL)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(settings.log_level)
+    for name in SELF_RAISING:
+        logging.getLogger(name).setLevel(LIBRARY_LEVEL)
     for name, level in settings.library_log_levels:
         logging.getLogger(name).setLevel(level)

@@ -131,6 +131,8 @@ class ServiceProcess:
     ) -> None:
         self.port = free_port()
         self.log_path = log_path
+        # Its own dev stack folder: a second service in one folder would be refused.
+        self.state_dir = log_path.with_name(f"{log_path.stem}-state")
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
             *launcher,  # e.g. prlimit with its options
@@ -145,7 +147,7 @@ class ServiceProcess:
                 env={
                     **environment,
                     "HOST": "127.0.0.1",
-                    "KONNICHIWA_STATE_DIR": str(log_path.parent / "state"),
+                    "KONNICHIWA_STATE_DIR": str(self.state_dir),
                     **env,
                 },
                 stdout=log,

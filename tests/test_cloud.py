@@ -424,7 +424,7 @@ async def test_api_keys_rotate_from_secrets_manager(make_client: MakeClient, aws
 
 def test_dev_stack_emulates_aws_out_of_the_box(tmp_path: Path) -> None:
     with running_service(tmp_path / "service.log", {"WORKERS": "1"}) as service:
-        key = (tmp_path / "state" / "api-key").read_text().strip()
+        key = (service.state_dir / "api-key").read_text().strip()
         answers = {
             path: _get_json(service.url + path, key)
             for path in ("/config", "/config/db/password", "/storage")

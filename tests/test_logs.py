@@ -7,9 +7,10 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+import werkzeug._internal
 
 from konnichiwa.errors import request_id
-from konnichiwa.logs import OWN_LOGGERS, configure_logging
+from konnichiwa.logs import OWN_LOGGERS, SELF_RAISING, configure_logging
 from konnichiwa.settings import Settings
 
 LIBRARY = "botocore.auth"  # signs every AWS request, at DEBUG, with the request's details
@@ -17,7 +18,7 @@ LIBRARY = "botocore.auth"  # signs every AWS request, at DEBUG, with the request
 
 @pytest.fixture(autouse=True)
 def _restore_loggers() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in ("", *OWN_LOGGERS, "botocore")]
+    loggers = [logging.getLogger(name) for name in ("", *OWN_LOGGERS, *SELF_RAISING, "botocore")]
     handlers, levels = logging.getLogger().handlers[:], [logger.level for logger in loggers]
     yield
     logging.getLogger().handlers[:] = handlers
@@ -63,3 +64,14 @@ def test_other_libraries_log_debug_only_when_named(
     assert ("signing detail" in err) == library_debug_shown
     assert "GET / 200" in err  # the access log follows the service's level
     assert "clock skew" in err
+
+
+@pytest.mark.parametrize(("log_level", "shown"), [("DEBUG", False), ("INFO,werkzeug=INFO", True)])
+def test_a_library_that_raises_its_own_level_stays_quiet_unless_named(
+    log_level: str, shown: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging(Settings.from_env({"LOG_LEVEL": log_level}, env_file=None))
+    werkzeug._internal._log(
+        "info", '127.0.0.1 - - "POST / HTTP/1.1" 200 -'
+    )  # as moto's server does
+    assert ("POST /" in capsys.readouterr().err) == shown

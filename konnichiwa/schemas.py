@@ -266,6 +266,7 @@ def field_errors(exc: msgspec.ValidationError) -> list[FieldError]:
 
 
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+_FLOAT_FOR_INT: Final = "Expected `int`, got `float`"
 # A JSON string (escaped quotes and all) followed by a colon: an object's key. Matching starts at
 # a string's opening quote or, after a value string, inside it, where it can only end at the
 # value's closing quote, which a comma or brace follows, never a colon.
@@ -305,7 +306,7 @@ async def decode_body(request: web.Request, into: type[_S]) -> _S:
     try:
         value: _S = decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise validation_problem(field_errors(exc)) from None
+        value = _with_whole_floats(body, into, exc)
     except msgspec.DecodeError:
         raise Problem(
             400, "Bad Request", "The body is not valid JSON.", type="/problems/malformed-json"
@@ -314,6 +315,25 @@ async def decode_body(request: web.Request, into: type[_S]) -> _S:
     if (key := repeated_key(body, value)) is not None:
         raise validation_problem([FieldError(key, f"`{key}` is given more than once.")])
     return value
+
+
+def _with_whole_floats(body: bytes, into: type[_S], error: msgspec.ValidationError) -> _S:
+    """`body` decoded once more with whole numbers written as floats (`5.0`) taken as integers,
+    as JSON Schema's `integer` allows; else the 422 for `error`. Exact below 2^53 only, so
+    larger ones stay an error."""
+    fields = msgspec.json.decode(body)
+    if not str(error).startswith(_FLOAT_FOR_INT) or not isinstance(fields, dict):
+        raise validation_problem(field_errors(error)) from None
+    whole = {
+        name: int(value)
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53
+        else value
+        for name, value in fields.items()
+    }
+    try:
+        return msgspec.convert(whole, into)
+    except msgspec.ValidationError as exc:
+        raise validation_problem(field_errors(exc)) from None
 
 
 def rfc3339(moment: datetime) -> str:

@@ -27,7 +27,7 @@ from tests.support import FULL_KEY
 SEED: Final = 17
 # Examples per operation and generation mode in the fuzzing phase: the module runs in about a
 # minute on two cores (the coverage, example and stateful phases add their own cases).
-MAX_EXAMPLES: Final = 25
+MAX_EXAMPLES: Final = 40
 KEYS: Final = {"bearer": {"bearer": FULL_KEY}, "apiKey": {"api_key": FULL_KEY}}
 UNLIMITED: Final = RateLimits(*[Rate(10**9, 1)] * len(RateLimits._fields))
 

@@ -321,8 +321,8 @@ def _with_whole_floats(body: bytes, into: type[_S], error: msgspec.ValidationErr
     """`body` decoded once more with whole numbers written as floats (`5.0`) taken as integers,
     as JSON Schema's `integer` allows; else the 422 for `error`. Exact below 2^53 only, so
     larger ones stay an error."""
-    fields = msgspec.json.decode(body)
-    if not str(error).startswith(_FLOAT_FOR_INT) or not isinstance(fields, dict):
+    fields = msgspec.json.decode(body) if str(error).startswith(_FLOAT_FOR_INT) else None
+    if not isinstance(fields, dict):
         raise validation_problem(field_errors(error)) from None
     whole = {
         name: int(value)

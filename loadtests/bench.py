@@ -14,7 +14,7 @@ at page 1 and, a different page and limit each request among the older half, at 
 rows and users, written straight into Postgres.
 
 Prints a table, saves JSON and a bar chart PNG under loadtests/results/, exits 1 when a target of
-the table in the README is missed.
+ENDPOINTS (the table in docs/performance.md) is missed.
 """
 
 from __future__ import annotations

@@ -52,21 +52,8 @@ from konnichiwa.schemas import (
     rfc3339,
 )
 from konnichiwa.scoreboard import (
-    CONNECTIONS,
-    CPU_CENTIPERCENT,
-    CPU_SECONDS_US,
-    FDS,
-    IN_FLIGHT,
-    LOOP_LAG_US,
-    PID,
-    POSTGRES_IDLE,
-    POSTGRES_IN_USE,
-    REDIS_IDLE,
-    REDIS_IN_USE,
-    RSS,
-    STARTED_US,
     STATUS_CLASSES,
-    THREADS,
+    Cell,
     Scoreboard,
     WorkerSlot,
     percentile,
@@ -120,7 +107,7 @@ class Sampler:
                 log.exception("sampling failed; trying again in %.0f s", SAMPLE_SECONDS)
 
     async def sample(self, lag: float) -> None:
-        self.slot.set(LOOP_LAG_US, int(lag * 1e6))
+        self.slot.set(Cell.LOOP_LAG_US, int(lag * 1e6))
         # On the loop, not in a thread: it is ~1 ms of /proc reads, and a thread would take the GIL
         # back from the loop after each of its ~60 system calls, stalling requests each time.
         self.host = self._sample_host()
@@ -131,13 +118,13 @@ class Sampler:
         process = self.process
         with process.oneshot():
             slot = self.slot
-            slot.set(RSS, process.memory_info().rss)
-            slot.set(CPU_CENTIPERCENT, round(process.cpu_percent(None) * 100))
+            slot.set(Cell.RSS, process.memory_info().rss)
+            slot.set(Cell.CPU_CENTIPERCENT, round(process.cpu_percent(None) * 100))
             cpu = process.cpu_times()
-            slot.set(CPU_SECONDS_US, int((cpu.user + cpu.system) * 1e6))
-            slot.set(THREADS, process.num_threads())
-            slot.set(FDS, process.num_fds())
-            slot.set(CONNECTIONS, open_sockets(process))
+            slot.set(Cell.CPU_SECONDS_US, int((cpu.user + cpu.system) * 1e6))
+            slot.set(Cell.THREADS, process.num_threads())
+            slot.set(Cell.FDS, process.num_fds())
+            slot.set(Cell.CONNECTIONS, open_sockets(process))
         memory, swap = psutil.virtual_memory(), psutil.swap_memory()
         disk, network = psutil.disk_usage(str(self.data_path)), psutil.net_io_counters()
         now = time.time()
@@ -163,11 +150,11 @@ class Sampler:
         pool = app[redis_client].connection_pool
         # redis-py has no public pool gauges that hold across its 6-8 releases; these sets are
         # what its own `get_connection_count` reads.
-        self.slot.set(REDIS_IN_USE, len(pool._in_use_connections))
-        self.slot.set(REDIS_IDLE, len(pool._available_connections))
+        self.slot.set(Cell.REDIS_IN_USE, len(pool._in_use_connections))
+        self.slot.set(Cell.REDIS_IDLE, len(pool._available_connections))
         postgres = app[pg_pool]
-        self.slot.set(POSTGRES_IN_USE, postgres.get_size() - postgres.get_idle_size())
-        self.slot.set(POSTGRES_IDLE, postgres.get_idle_size())
+        self.slot.set(Cell.POSTGRES_IN_USE, postgres.get_size() - postgres.get_idle_size())
+        self.slot.set(Cell.POSTGRES_IDLE, postgres.get_idle_size())
         return DependencySample(checks, backlog, time.time())
 
 
@@ -212,7 +199,7 @@ def traffic(board: Scoreboard) -> Traffic:
     by_class = dict(zip(STATUS_CLASSES, board.status_totals(), strict=True))
     last_10s, last_60s = board.windows((10, 60))
     latency = [percentile(last_60s.histogram, q) for q in (0.5, 0.95, 0.99)]
-    in_flight = sum(figures[IN_FLIGHT] for _, figures in board.workers())
+    in_flight = sum(figures[Cell.IN_FLIGHT] for _, figures in board.workers())
     return Traffic(
         requests_served=sum(by_class.values()),
         requests_in_flight=in_flight,
@@ -229,18 +216,18 @@ def service(board: Scoreboard, settings: Settings) -> ServiceFigures:
     workers = [
         WorkerFigures(
             slot=number,
-            pid=figures[PID],
-            uptime_seconds=round(now - figures[STARTED_US] / 1e6, 3),
-            rss_bytes=figures[RSS],
-            cpu_percent=figures[CPU_CENTIPERCENT] / 100,
-            threads=figures[THREADS],
-            open_fds=figures[FDS],
-            connections=figures[CONNECTIONS],
-            requests_in_flight=figures[IN_FLIGHT],
-            event_loop_lag_ms=round(figures[LOOP_LAG_US] / 1000, 3),
+            pid=figures[Cell.PID],
+            uptime_seconds=round(now - figures[Cell.STARTED_US] / 1e6, 3),
+            rss_bytes=figures[Cell.RSS],
+            cpu_percent=figures[Cell.CPU_CENTIPERCENT] / 100,
+            threads=figures[Cell.THREADS],
+            open_fds=figures[Cell.FDS],
+            connections=figures[Cell.CONNECTIONS],
+            requests_in_flight=figures[Cell.IN_FLIGHT],
+            event_loop_lag_ms=round(figures[Cell.LOOP_LAG_US] / 1000, 3),
         )
         for number, figures in board.workers()
-        if figures[PID]
+        if figures[Cell.PID]
     ]
     return ServiceFigures(
         version=__version__,
@@ -262,10 +249,10 @@ def dependencies(board: Scoreboard, sample: DependencySample) -> Dependencies:
         return DependencyFigures(check.status, check.latency_ms, pool, check.detail)
 
     return Dependencies(
-        redis=figures("redis", REDIS_IN_USE, REDIS_IDLE),
-        postgres=figures("postgres", POSTGRES_IN_USE, POSTGRES_IDLE),
+        redis=figures("redis", Cell.REDIS_IN_USE, Cell.REDIS_IDLE),
+        postgres=figures("postgres", Cell.POSTGRES_IN_USE, Cell.POSTGRES_IDLE),
         audit_backlog=sample.backlog,
-        event_loop_lag_ms=round(max(w[LOOP_LAG_US] for w in workers) / 1000, 3),
+        event_loop_lag_ms=round(max(w[Cell.LOOP_LAG_US] for w in workers) / 1000, 3),
         sampled_at=rfc3339(datetime.fromtimestamp(sample.sampled_at, UTC)),
     )
 

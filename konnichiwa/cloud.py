@@ -30,7 +30,7 @@ from konnichiwa.schemas import (
     json_response,
     rfc3339,
 )
-from konnichiwa.scoreboard import AWS_CACHE, AWS_CACHE_RESULTS, worker_slot
+from konnichiwa.scoreboard import AWS_CACHE_RESULTS, Cell, worker_slot
 from konnichiwa.settings import settings_key
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ MAX_NAME_LENGTH: Final = 1011
 MAX_NAME_LEVELS: Final = 15
 CACHE_HEADER: Final = "X-Cache"
 # The scoreboard cell that counts each kind of cache answer (for /metrics).
-_CACHE_CELLS: Final = {result: AWS_CACHE + n for n, result in enumerate(AWS_CACHE_RESULTS)}
+_CACHE_CELLS: Final = {result: Cell.AWS_CACHE + n for n, result in enumerate(AWS_CACHE_RESULTS)}
 
 
 def parameter_name(raw: str, prefix: str) -> str:

@@ -18,25 +18,11 @@ from aiohttp import web
 from konnichiwa.capacity import dependencies, sampler
 from konnichiwa.ratelimit import POLICIES
 from konnichiwa.scoreboard import (
-    AWS_CACHE,
     AWS_CACHE_RESULTS,
     BOUNDS,
-    CONNECTIONS,
-    CPU_SECONDS_US,
-    FDS,
-    IN_FLIGHT,
-    LOOP_LAG_US,
-    PID,
-    RATE_LIMITED,
-    RATE_LIMITER_DOWN,
-    ROUTE_HISTOGRAM,
-    ROUTE_SUM,
-    RSS,
-    STARTED_US,
     STATUS_CLASSES,
-    THREADS,
-    UNCHECKED_ADMITTED,
-    UNCHECKED_REFUSED,
+    Cell,
+    RouteCell,
     scoreboard,
 )
 
@@ -79,7 +65,7 @@ def family(name: str, kind: str, text: str, samples: Iterable[Sample]) -> Iterat
 def _route_families(app: web.Application) -> Iterator[str]:
     labels = [{"method": method, "route": path} for method, path in app[route_labels]]
     totals = app[scoreboard].route_totals()
-    seen = [(labels[n], row) for n, row in enumerate(totals) if sum(row[:ROUTE_SUM])]
+    seen = [(labels[n], row) for n, row in enumerate(totals) if sum(row[: RouteCell.SUM])]
     yield from family(
         "konnichiwa_requests_total", "counter", "Responses sent, by route and status class.",
         (("", {**route, "status": status}, row[index])
@@ -93,7 +79,7 @@ def _route_families(app: web.Application) -> Iterator[str]:
 
 
 def _histogram(labels: dict[str, str], row: Sequence[int]) -> Iterator[Sample]:
-    counts = row[ROUTE_HISTOGRAM:]
+    counts = row[RouteCell.HISTOGRAM :]
     cumulative = 0
     start = 0
     for index in EXPOSED:
@@ -102,24 +88,25 @@ def _histogram(labels: dict[str, str], row: Sequence[int]) -> Iterator[Sample]:
         yield "_bucket", {**labels, "le": f"{BOUNDS[index]:g}"}, cumulative
     total = sum(counts)
     yield "_bucket", {**labels, "le": "+Inf"}, total
-    yield "_sum", labels, row[ROUTE_SUM] / 1e6
+    yield "_sum", labels, row[RouteCell.SUM] / 1e6
     yield "_count", labels, total
 
 
 def _worker_families(app: web.Application) -> Iterator[str]:
-    workers = [(str(n), figures) for n, figures in app[scoreboard].workers() if figures[PID]]
+    workers = [(str(n), figures) for n, figures in app[scoreboard].workers() if figures[Cell.PID]]
     for name, kind, text, field, per_unit in (
-        ("resident_memory_bytes", "gauge", "Resident memory of each worker.", RSS, 1),
-        ("cpu_seconds_total", "counter", "CPU time each worker has used.", CPU_SECONDS_US, 1e6),
-        ("open_fds", "gauge", "Open file descriptors of each worker.", FDS, 1),
-        ("threads", "gauge", "Threads of each worker.", THREADS, 1),
-        ("connections", "gauge", "Open sockets of each worker.", CONNECTIONS, 1),
-        ("event_loop_lag_seconds", "gauge", "How late each worker's loop woke up.", LOOP_LAG_US,
+        ("resident_memory_bytes", "gauge", "Resident memory of each worker.", Cell.RSS, 1),
+        ("cpu_seconds_total", "counter", "CPU time each worker has used.", Cell.CPU_SECONDS_US,
          1e6),
+        ("open_fds", "gauge", "Open file descriptors of each worker.", Cell.FDS, 1),
+        ("threads", "gauge", "Threads of each worker.", Cell.THREADS, 1),
+        ("connections", "gauge", "Open sockets of each worker.", Cell.CONNECTIONS, 1),
+        ("event_loop_lag_seconds", "gauge", "How late each worker's loop woke up.",
+         Cell.LOOP_LAG_US, 1e6),
         ("rate_limiter_down", "gauge", "1 while the worker's rate limiter cannot reach Redis.",
-         RATE_LIMITER_DOWN, 1),
+         Cell.RATE_LIMITER_DOWN, 1),
         ("start_time_seconds", "gauge", "When each worker started (Unix time): a change is a "
-         "restart.", STARTED_US, 1e6),
+         "restart.", Cell.STARTED_US, 1e6),
     ):  # fmt: skip
         yield from family(
             f"konnichiwa_worker_{name}", kind, text,
@@ -129,7 +116,7 @@ def _worker_families(app: web.Application) -> Iterator[str]:
 
 def _service_families(app: web.Application) -> Iterator[str]:
     board, latest = app[scoreboard], app[sampler]
-    in_flight = sum(figures[IN_FLIGHT] for _, figures in board.workers())
+    in_flight = sum(figures[Cell.IN_FLIGHT] for _, figures in board.workers())
     deps = dependencies(board, latest.dependencies)
     host = latest.host
     named = {"redis": deps.redis, "postgres": deps.postgres}
@@ -171,12 +158,12 @@ def _counter_families(app: web.Application) -> Iterator[str]:
         "konnichiwa_aws_cache_lookups_total", "counter",
         "Answers of /config and /storage by where they came from: the cache (hit), AWS (miss), "
         "or the last good answer while AWS fails (stale).",
-        (("", {"result": result}, sum(w[AWS_CACHE + n] for w in workers))
+        (("", {"result": result}, sum(w[Cell.AWS_CACHE + n] for w in workers))
          for n, result in enumerate(AWS_CACHE_RESULTS)),
     )  # fmt: skip
     yield from family(
         "konnichiwa_rate_limited_total", "counter", "Requests refused with 429, by policy.",
-        (("", {"policy": name}, sum(w[RATE_LIMITED + n] for w in workers))
+        (("", {"policy": name}, sum(w[Cell.RATE_LIMITED + n] for w in workers))
          for n, name in enumerate(POLICIES)),
     )  # fmt: skip
     yield from family(
@@ -184,7 +171,8 @@ def _counter_families(app: web.Application) -> Iterator[str]:
         "Requests decided while the rate limiter could not reach Redis: reads admitted (fail "
         "open), writes refused (fail closed).",
         (("", {"decision": decision}, sum(w[field] for w in workers))
-         for decision, field in (("admitted", UNCHECKED_ADMITTED), ("refused", UNCHECKED_REFUSED))),
+         for decision, field in (("admitted", Cell.UNCHECKED_ADMITTED),
+                                 ("refused", Cell.UNCHECKED_REFUSED))),
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import enum
 import functools
 import mmap
 import operator
@@ -47,18 +48,54 @@ RING_SECONDS: Final = 64  # more than the longest window (60 s)
 
 # Where the AWS cache's answers came from (konnichiwa.coalesce.Cached.status), counted in order.
 AWS_CACHE_RESULTS: Final = ("hit", "miss", "stale")
-# A worker's figures, at the start of its slot. AWS_CACHE starts the AWS cache's answers by
-# result; RATE_LIMITED starts the 429s counted by each rate-limit policy (in
-# konnichiwa.ratelimit.POLICIES order).
-(PID, STARTED_US, IN_FLIGHT, RSS, CPU_CENTIPERCENT, CPU_SECONDS_US, THREADS, FDS, CONNECTIONS,
- LOOP_LAG_US, REDIS_IN_USE, REDIS_IDLE, POSTGRES_IN_USE, POSTGRES_IDLE, RATE_LIMITER_DOWN,
- UNCHECKED_ADMITTED, UNCHECKED_REFUSED, AWS_CACHE) = range(18)  # fmt: skip
-RATE_LIMITED: Final = AWS_CACHE + len(AWS_CACHE_RESULTS)
+
+
+class Cell(enum.IntEnum):
+    """A worker's figures, one 64-bit integer each at the start of its slot, by offset."""
+
+    PID = 0  # the worker's process id; 0 while no worker has claimed the slot
+    STARTED_US = 1  # when the worker started (Unix time, µs)
+    IN_FLIGHT = 2  # requests being answered
+    RSS = 3  # resident memory (bytes); the sampler writes RSS to CONNECTIONS once a second
+    CPU_CENTIPERCENT = 4  # CPU use, hundredths of a percent
+    CPU_SECONDS_US = 5  # CPU time used (µs)
+    THREADS = 6
+    FDS = 7  # open file descriptors
+    CONNECTIONS = 8  # open sockets
+    LOOP_LAG_US = 9  # how late the event loop woke up at the last sample (µs)
+    REDIS_IN_USE = 10  # the Redis pool's connections lent out, then idle
+    REDIS_IDLE = 11
+    POSTGRES_IN_USE = 12  # the Postgres pool's, likewise
+    POSTGRES_IDLE = 13
+    RATE_LIMITER_DOWN = 14  # 1 while the rate limiter cannot reach Redis
+    UNCHECKED_ADMITTED = 15  # reads admitted while the rate limiter could not check (fail open)
+    UNCHECKED_REFUSED = 16  # writes refused while it could not check (fail closed)
+    AWS_CACHE = 17  # the AWS cache's answers, a cell per AWS_CACHE_RESULTS entry, in order
+    RATE_LIMITED = AWS_CACHE + len(
+        AWS_CACHE_RESULTS
+    )  # 429s, a cell per konnichiwa.ratelimit.POLICIES entry, in order
+
+
 WORKER_CELLS: Final = 32
-# Per route: responses by status class, the latency sum (µs), the latency histogram.
-ROUTE_SUM: Final = len(STATUS_CLASSES)
-ROUTE_HISTOGRAM: Final = ROUTE_SUM + 1
-ROUTE_CELLS: Final = ROUTE_HISTOGRAM + BUCKETS
+# The cells the rate limiter counts in, by the names konnichiwa.ratelimit imports.
+RATE_LIMITED: Final = Cell.RATE_LIMITED
+RATE_LIMITER_DOWN: Final = Cell.RATE_LIMITER_DOWN
+UNCHECKED_ADMITTED: Final = Cell.UNCHECKED_ADMITTED
+UNCHECKED_REFUSED: Final = Cell.UNCHECKED_REFUSED
+
+
+class RouteCell(enum.IntEnum):
+    """A route's cells in a slot, by offset from the route's first."""
+
+    STATUS = 0  # responses, a cell per STATUS_CLASSES entry
+    SUM = len(STATUS_CLASSES)  # the latency sum (µs)
+    HISTOGRAM = SUM + 1  # the latency histogram, a cell per bucket (BUCKETS)
+
+
+ROUTE_CELLS: Final = RouteCell.HISTOGRAM + BUCKETS
+# As plain ints for the per-request path, where looking up an enum member costs ~60 ns each.
+_SUM_AT: Final = int(RouteCell.SUM)
+_HISTOGRAM_AT: Final = int(RouteCell.HISTOGRAM)
 # A ring row: the second (of the monotonic clock, which all processes share) and its histogram.
 RING_ROW: Final = 1 + BUCKETS
 # The file starts with the service's start (wall clock, µs).
@@ -152,7 +189,7 @@ class Scoreboard:
         return HEADER_CELLS + number * slot_cells(self.file.routes)
 
     def worker(self, number: int) -> Sequence[int]:
-        """One worker's figures (index with PID, RSS, ...); a pid of 0 means never started."""
+        """One worker's figures (index with Cell); a pid of 0 means never started."""
         base = self._base(number)
         return self.cells[base : base + WORKER_CELLS].tolist()
 
@@ -256,15 +293,15 @@ class WorkerSlot:
     def __init__(self, board: Scoreboard, number: int) -> None:
         self.cells = board.cells
         self.base = board._base(number)
-        self.in_flight = self.base + IN_FLIGHT
+        self.in_flight = self.base + Cell.IN_FLIGHT
         self.routes_at = self.base + WORKER_CELLS
         self.ring_at = self.routes_at + board.file.routes * ROUTE_CELLS
 
     def claim(self) -> None:
         """Take the slot over; counts of a predecessor stay, its in-flight requests died with it."""
-        self.set(PID, os.getpid())
-        self.set(STARTED_US, int(time.time() * 1e6))
-        self.set(IN_FLIGHT, 0)
+        self.set(Cell.PID, os.getpid())
+        self.set(Cell.STARTED_US, int(time.time() * 1e6))
+        self.set(Cell.IN_FLIGHT, 0)
 
     def set(self, field: int, value: int) -> None:
         self.cells[self.base + field] = value
@@ -290,8 +327,8 @@ class WorkerSlot:
         bucket = bisect.bisect_left(BOUNDS, elapsed)
         at = self.routes_at + ROUTE_CELLS * route
         cells[at + _CLASS_OF_HUNDREDS[status // 100]] += 1
-        cells[at + ROUTE_SUM] += int(elapsed * 1e6)
-        cells[at + ROUTE_HISTOGRAM + bucket] += 1
+        cells[at + _SUM_AT] += int(elapsed * 1e6)
+        cells[at + _HISTOGRAM_AT + bucket] += 1
         second = int(now)
         row = self.ring_at + (second % RING_SECONDS) * RING_ROW
         if cells[row] != second:  # a new second: this row held one 64 s ago

@@ -14,11 +14,9 @@ from konnichiwa.scoreboard import (
     BOUNDS,
     BUCKETS,
     HEADER_CELLS,
-    IN_FLIGHT,
-    PID,
-    ROUTE_HISTOGRAM,
-    ROUTE_SUM,
     WORKER_CELLS,
+    Cell,
+    RouteCell,
     Scoreboard,
     ScoreboardFile,
     percentile,
@@ -57,13 +55,13 @@ def test_a_replacement_worker_keeps_the_counts(tmp_path: Path) -> None:
     file.create()
     supervisor, first, replacement = (Scoreboard.open(file) for _ in range(3))
     first.slot(1).claim()
-    first.slot(1).set(IN_FLIGHT, 7)
+    first.slot(1).set(Cell.IN_FLIGHT, 7)
     first.cells[HEADER_CELLS + slot_cells(file.routes) + WORKER_CELLS] = 42  # slot 1, route 0, 1xx
-    assert supervisor.worker(1)[IN_FLIGHT] == 7, "another mapping sees the writes"
+    assert supervisor.worker(1)[Cell.IN_FLIGHT] == 7, "another mapping sees the writes"
     replacement.slot(1).claim()
-    assert supervisor.worker(1)[IN_FLIGHT] == 0
+    assert supervisor.worker(1)[Cell.IN_FLIGHT] == 0
     assert supervisor.route_totals()[0][0] == 42
-    assert supervisor.worker(0)[PID] == 0, "slot 0 never started"
+    assert supervisor.worker(0)[Cell.PID] == 0, "slot 0 never started"
     assert abs(supervisor.started - time.time()) < 60
 
 
@@ -89,11 +87,11 @@ async def test_requests_counted_by_route_status_and_window(aiohttp_client: Aioht
     board = Scoreboard.private(routes=2)
     await _count_requests(aiohttp_client, board)
     ok, other = board.route_totals()
-    assert ok[:ROUTE_SUM] == [0, 3, 0, 0, 0]
-    assert other[:ROUTE_SUM] == [0, 0, 0, 3, 0]  # a raised 404 and a route nobody added
-    assert sum(ok[ROUTE_HISTOGRAM:]) == 3
-    assert ok[ROUTE_SUM] > 0, "latency sum in microseconds"
-    assert board.worker(0)[IN_FLIGHT] == 0
+    assert ok[: RouteCell.SUM] == [0, 3, 0, 0, 0]
+    assert other[: RouteCell.SUM] == [0, 0, 0, 3, 0]  # a raised 404 and a route nobody added
+    assert sum(ok[RouteCell.HISTOGRAM :]) == 3
+    assert ok[RouteCell.SUM] > 0, "latency sum in microseconds"
+    assert board.worker(0)[Cell.IN_FLIGHT] == 0
     now = time.monotonic()
     assert [w.requests for w in board.windows((10, 60), now)] == [6, 6]
     assert [w.requests for w in board.windows((10, 60), now + 30)] == [0, 6]

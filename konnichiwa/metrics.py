@@ -1,11 +1,10 @@
-"""`/metrics`: the /inspect figures as Prometheus text, written straight from the scoreboard.
+"""`/metrics`: the /inspect figures as Prometheus text, collected from the scoreboard per scrape.
 
-prometheus-client's multiprocess mode would keep one file per metric and process and re-read
-them all on every scrape; the scoreboard already holds every worker's counters in one shared
-mapping, so exposing it directly is the same result (correct across workers, counters that
-survive a replaced worker) for less work and no extra dependency. Served on the service port
-with the `inspect` scope, like /inspect: one port to open, one key to give Prometheus
-(`authorization: {credentials: ...}` in its scrape config).
+prometheus-client's multiprocess mode would keep a file per metric and process and re-read them
+all on every scrape; the scoreboard already holds every worker's counters in one shared mapping,
+so a custom collector reads it directly (correct across workers, counters that survive a replaced
+worker). Served on the service port with the `inspect` scope, like /inspect: one port to open,
+one key to give Prometheus (`authorization: {credentials: ...}` in its scrape config).
 """
 
 from __future__ import annotations
@@ -14,6 +13,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from konnichiwa.capacity import dependencies, sampler
 from konnichiwa.ratelimit import POLICIES
@@ -26,7 +33,6 @@ from konnichiwa.scoreboard import (
     scoreboard,
 )
 
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # Exposed histogram buckets: the 1-2-3-5 bounds of the scoreboard's finer ones (so exact); 0.3 s
 # is the latency objective's, which the alerting rules count requests against.
 EXPOSED: Final = tuple(
@@ -34,155 +40,171 @@ EXPOSED: Final = tuple(
     for index, bound in enumerate(BOUNDS)
     if f"{bound:e}".startswith(("1.0", "2.0", "3.0", "5.0"))
 )
-Sample = tuple[str, dict[str, str], float]
+# (label values, value) of each sample of a family.
+Samples = Iterable[tuple[Sequence[str], float]]
 # (method, path) of each route number the scoreboard counts, the last one for "other".
 route_labels = web.AppKey("route_labels", tuple)
 
 
-def _number(value: float) -> str:
-    """Whole numbers as integers, others as the shortest repr of their value to the nanosecond:
-    `1273 * 1e-6` reads 0.001273, not 0.0012729999999999998 (figures are whole µs at best)."""
-    rounded = round(float(value), 9)
-    return str(int(rounded)) if rounded.is_integer() else repr(rounded)
+def family(
+    kind: type[CounterMetricFamily | GaugeMetricFamily],
+    name: str,
+    text: str,
+    labels: Sequence[str],
+    samples: Samples,
+) -> Metric:
+    """A counter or gauge family; values rounded to the nanosecond, so figures scaled from µs or
+    ms print as `0.001273`, not `0.0012729999999999998`."""
+    made = kind(name, text, labels=labels)
+    for values, value in samples:
+        made.add_metric(values, round(float(value), 9))
+    return made
 
 
-def _label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def gauge(name: str, text: str, value: float) -> Metric:
+    """A gauge of one unlabelled value."""
+    return family(GaugeMetricFamily, name, text, (), [((), value)])
 
 
-def family(name: str, kind: str, text: str, samples: Iterable[Sample]) -> Iterator[str]:
-    yield f"# HELP {name} {text}"
-    yield f"# TYPE {name} {kind}"
-    for suffix, labels, value in samples:
-        rendered = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
-        yield (
-            f"{name}{suffix}{{{rendered}}} {_number(value)}"
-            if labels
-            else f"{name}{suffix} {_number(value)}"
-        )
+class ScoreboardCollector(Collector):
+    """Every /metrics family, read from the scoreboard and this worker's latest samples."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        app = self.app
+        yield from _route_families(app)
+        yield from _service_families(app)
+        yield from _counter_families(app)
+        yield from _worker_families(app)
 
 
-def _route_families(app: web.Application) -> Iterator[str]:
-    labels = [{"method": method, "route": path} for method, path in app[route_labels]]
+def _route_families(app: web.Application) -> Iterator[Metric]:
+    labels = app[route_labels]
     totals = app[scoreboard].route_totals()
     seen = [(labels[n], row) for n, row in enumerate(totals) if sum(row[: RouteCell.SUM])]
-    yield from family(
-        "konnichiwa_requests_total", "counter", "Responses sent, by route and status class.",
-        (("", {**route, "status": status}, row[index])
+    yield family(
+        CounterMetricFamily, "konnichiwa_requests_total",
+        "Responses sent, by route and status class.", ("method", "route", "status"),
+        (((*route, status), row[RouteCell.STATUS + index])
          for route, row in seen
-         for index, status in enumerate(STATUS_CLASSES) if row[index]),
+         for index, status in enumerate(STATUS_CLASSES) if row[RouteCell.STATUS + index]),
     )  # fmt: skip
-    yield from family(
-        "konnichiwa_request_duration_seconds", "histogram", "Time to answer, by route.",
-        (sample for route, row in seen for sample in _histogram(route, row)),
-    )  # fmt: skip
+    duration = HistogramMetricFamily(
+        "konnichiwa_request_duration_seconds",
+        "Time to answer, by route.",
+        labels=("method", "route"),
+    )
+    for route, row in seen:
+        duration.add_metric(route, _buckets(row[RouteCell.HISTOGRAM :]), row[RouteCell.SUM] / 1e6)
+    yield duration
 
 
-def _histogram(labels: dict[str, str], row: Sequence[int]) -> Iterator[Sample]:
-    counts = row[RouteCell.HISTOGRAM :]
+def _buckets(counts: Sequence[int]) -> list[tuple[str, float]]:
+    """The exposed cumulative buckets of a scoreboard histogram, `+Inf` last."""
+    buckets: list[tuple[str, float]] = []
     cumulative = 0
     start = 0
     for index in EXPOSED:
         cumulative += sum(counts[start : index + 1])
         start = index + 1
-        yield "_bucket", {**labels, "le": f"{BOUNDS[index]:g}"}, cumulative
-    total = sum(counts)
-    yield "_bucket", {**labels, "le": "+Inf"}, total
-    yield "_sum", labels, row[RouteCell.SUM] / 1e6
-    yield "_count", labels, total
+        buckets.append((f"{BOUNDS[index]:g}", cumulative))
+    buckets.append(("+Inf", sum(counts)))
+    return buckets
 
 
-def _worker_families(app: web.Application) -> Iterator[str]:
+def _worker_families(app: web.Application) -> Iterator[Metric]:
     workers = [(str(n), figures) for n, figures in app[scoreboard].workers() if figures[Cell.PID]]
-    for name, kind, text, field, per_unit in (
-        ("resident_memory_bytes", "gauge", "Resident memory of each worker.", Cell.RSS, 1),
-        ("cpu_seconds_total", "counter", "CPU time each worker has used.", Cell.CPU_SECONDS_US,
-         1e6),
-        ("open_fds", "gauge", "Open file descriptors of each worker.", Cell.FDS, 1),
-        ("threads", "gauge", "Threads of each worker.", Cell.THREADS, 1),
-        ("connections", "gauge", "Open sockets of each worker.", Cell.CONNECTIONS, 1),
-        ("event_loop_lag_seconds", "gauge", "How late each worker's loop woke up.",
+    for kind, name, text, cell, per_unit in (
+        (GaugeMetricFamily, "resident_memory_bytes", "Resident memory of each worker.", Cell.RSS,
+         1),
+        (CounterMetricFamily, "cpu_seconds_total", "CPU time each worker has used.",
+         Cell.CPU_SECONDS_US, 1e6),
+        (GaugeMetricFamily, "open_fds", "Open file descriptors of each worker.", Cell.FDS, 1),
+        (GaugeMetricFamily, "threads", "Threads of each worker.", Cell.THREADS, 1),
+        (GaugeMetricFamily, "connections", "Open sockets of each worker.", Cell.CONNECTIONS, 1),
+        (GaugeMetricFamily, "event_loop_lag_seconds", "How late each worker's loop woke up.",
          Cell.LOOP_LAG_US, 1e6),
-        ("rate_limiter_down", "gauge", "1 while the worker's rate limiter cannot reach Redis.",
-         Cell.RATE_LIMITER_DOWN, 1),
-        ("start_time_seconds", "gauge", "When each worker started (Unix time): a change is a "
-         "restart.", Cell.STARTED_US, 1e6),
+        (GaugeMetricFamily, "rate_limiter_down",
+         "1 while the worker's rate limiter cannot reach Redis.", Cell.RATE_LIMITER_DOWN, 1),
+        (GaugeMetricFamily, "start_time_seconds",
+         "When each worker started (Unix time): a change is a restart.", Cell.STARTED_US, 1e6),
     ):  # fmt: skip
-        yield from family(
-            f"konnichiwa_worker_{name}", kind, text,
-            (("", {"worker": n}, figures[field] / per_unit) for n, figures in workers),
+        yield family(
+            kind, f"konnichiwa_worker_{name}", text, ("worker",),
+            (((n,), figures[cell] / per_unit) for n, figures in workers),
         )  # fmt: skip
 
 
-def _service_families(app: web.Application) -> Iterator[str]:
+def _service_families(app: web.Application) -> Iterator[Metric]:
     board, latest = app[scoreboard], app[sampler]
     in_flight = sum(figures[Cell.IN_FLIGHT] for _, figures in board.workers())
     deps = dependencies(board, latest.dependencies)
     host = latest.host
     named = {"redis": deps.redis, "postgres": deps.postgres}
     backlog = deps.audit_backlog
-    yield from family("konnichiwa_requests_in_flight", "gauge", "Requests being answered.",
-                      [("", {}, in_flight)])  # fmt: skip
-    yield from family(
-        "konnichiwa_dependency_up", "gauge", "1 when the dependency answered its last check.",
-        (("", {"dependency": n}, d.status == "up") for n, d in named.items()),
+    yield gauge("konnichiwa_requests_in_flight", "Requests being answered.", in_flight)
+    yield family(
+        GaugeMetricFamily, "konnichiwa_dependency_up",
+        "1 when the dependency answered its last check.", ("dependency",),
+        (((n,), d.status == "up") for n, d in named.items()),
     )  # fmt: skip
-    yield from family(
-        "konnichiwa_dependency_latency_seconds", "gauge", "Round trip of the last check.",
-        (("", {"dependency": n}, d.latency_ms / 1000) for n, d in named.items()),
+    yield family(
+        GaugeMetricFamily, "konnichiwa_dependency_latency_seconds",
+        "Round trip of the last check.", ("dependency",),
+        (((n,), d.latency_ms / 1000) for n, d in named.items()),
     )  # fmt: skip
-    yield from family(
-        "konnichiwa_pool_connections", "gauge", "Pooled connections of every worker, by state.",
-        (("", {"pool": n, "state": state}, count)
+    yield family(
+        GaugeMetricFamily, "konnichiwa_pool_connections",
+        "Pooled connections of every worker, by state.", ("pool", "state"),
+        (((n, state), count)
          for n, d in named.items()
          for state, count in (("in_use", d.pool.in_use), ("idle", d.pool.idle))),
     )  # fmt: skip
     if backlog is not None:
-        yield from family("konnichiwa_audit_backlog_entries", "gauge",
-                          "Changes not yet in the Postgres audit log.",
-                          [("", {}, backlog.entries)])  # fmt: skip
-        yield from family("konnichiwa_audit_backlog_age_seconds", "gauge",
-                          "How long the oldest of them has waited.",
-                          [("", {}, backlog.oldest_age_seconds)])  # fmt: skip
-    yield from family("konnichiwa_host_cpu_percent", "gauge", "CPU use of the host.",
-                      [("", {}, host.cpu_percent)])  # fmt: skip
-    yield from family("konnichiwa_host_memory_percent", "gauge", "Memory use of the host.",
-                      [("", {}, host.memory.percent)])  # fmt: skip
-    yield from family("konnichiwa_host_disk_percent", "gauge", "Use of the data volume.",
-                      [("", {"path": host.disk.path}, host.disk.percent)])  # fmt: skip
+        yield gauge("konnichiwa_audit_backlog_entries",
+                    "Changes not yet in the Postgres audit log.", backlog.entries)  # fmt: skip
+        yield gauge("konnichiwa_audit_backlog_age_seconds",
+                    "How long the oldest of them has waited.",
+                    backlog.oldest_age_seconds)  # fmt: skip
+    yield gauge("konnichiwa_host_cpu_percent", "CPU use of the host.", host.cpu_percent)
+    yield gauge("konnichiwa_host_memory_percent", "Memory use of the host.", host.memory.percent)
+    yield family(GaugeMetricFamily, "konnichiwa_host_disk_percent", "Use of the data volume.",
+                 ("path",), [((host.disk.path,), host.disk.percent)])  # fmt: skip
 
 
-def _counter_families(app: web.Application) -> Iterator[str]:
+def _counter_families(app: web.Application) -> Iterator[Metric]:
     workers = [figures for _, figures in app[scoreboard].workers()]
-    yield from family(
-        "konnichiwa_aws_cache_lookups_total", "counter",
+    yield family(
+        CounterMetricFamily, "konnichiwa_aws_cache_lookups_total",
         "Answers of /config and /storage by where they came from: the cache (hit), AWS (miss), "
-        "or the last good answer while AWS fails (stale).",
-        (("", {"result": result}, sum(w[Cell.AWS_CACHE + n] for w in workers))
+        "or the last good answer while AWS fails (stale).", ("result",),
+        (((result,), sum(w[Cell.AWS_CACHE + n] for w in workers))
          for n, result in enumerate(AWS_CACHE_RESULTS)),
     )  # fmt: skip
-    yield from family(
-        "konnichiwa_rate_limited_total", "counter", "Requests refused with 429, by policy.",
-        (("", {"policy": name}, sum(w[Cell.RATE_LIMITED + n] for w in workers))
+    yield family(
+        CounterMetricFamily, "konnichiwa_rate_limited_total",
+        "Requests refused with 429, by policy.", ("policy",),
+        (((name,), sum(w[Cell.RATE_LIMITED + n] for w in workers))
          for n, name in enumerate(POLICIES)),
     )  # fmt: skip
-    yield from family(
-        "konnichiwa_rate_limit_unchecked_total", "counter",
+    yield family(
+        CounterMetricFamily, "konnichiwa_rate_limit_unchecked_total",
         "Requests decided while the rate limiter could not reach Redis: reads admitted (fail "
-        "open), writes refused (fail closed).",
-        (("", {"decision": decision}, sum(w[field] for w in workers))
-         for decision, field in (("admitted", Cell.UNCHECKED_ADMITTED),
-                                 ("refused", Cell.UNCHECKED_REFUSED))),
+        "open), writes refused (fail closed).", ("decision",),
+        (((decision,), sum(w[cell] for w in workers))
+         for decision, cell in (("admitted", Cell.UNCHECKED_ADMITTED),
+                                ("refused", Cell.UNCHECKED_REFUSED))),
     )  # fmt: skip
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition (0.0.4) of the service's figures, every worker summed."""
-    app = request.app
-    lines = [
-        *_route_families(app), *_service_families(app), *_counter_families(app),
-        *_worker_families(app),
-    ]  # fmt: skip
+    # A registry of its own per scrape: the collector reads this request's app, and the global
+    # registry would add the process's own default collectors.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ScoreboardCollector(request.app))
     return web.Response(
-        body="\n".join(lines).encode() + b"\n", headers={"Content-Type": CONTENT_TYPE}
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
     )

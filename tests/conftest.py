@@ -17,28 +17,98 @@ import asyncpg
 import pytest
 import redis.asyncio
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession, get_session
 from moto.server import ThreadedMotoServer
 from pytest_aiohttp import AiohttpClient
 
+import konnichiwa.aws
 from konnichiwa.app import create_app
 from konnichiwa.auth import SCOPES, ApiKey
 from konnichiwa.embedded import embedded_stack, postgres_server, valkey_server
 from konnichiwa.postgres import migrate
 from konnichiwa.settings import Settings
 from tests.support import (
+    CHECKOV_HOME,
     FULL_KEY,
     READ_KEY,
     Client,
     Servers,
     create_database,
     database_url_for,
+    debian_program,
     free_port,
+    install_tools,
     pid_from_file,
+    terraform_binary,
 )
 
 TEMPLATE_DATABASE = "konnichiwa_template"
 _database_numbers = itertools.count()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The suite's one set-up step: install the tools the selected tests ask for by fixture."""
+    if not session.config.option.collectonly:
+        install_tools(
+            {name for item in session.items for name in getattr(item, "fixturenames", ())}
+        )
+
+
+# --- The tools, each installed by the set-up above ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nginx() -> Path:
+    return Path(debian_program("nginx"))
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    return debian_program("chromium")
+
+
+@pytest.fixture(scope="session")
+def curl() -> str:
+    return debian_program("curl")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return debian_program("promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> str:
+    return debian_program("prometheus")
+
+
+@pytest.fixture(scope="session")
+def terraform() -> Path:
+    return terraform_binary()
+
+
+@pytest.fixture(scope="session")
+def checkov_binary() -> Path:
+    return CHECKOV_HOME / "bin" / "checkov"
+
+
+# --- The servers --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _aws_models_loaded_once() -> Iterator[None]:
+    """Every app of the session reads AWS service models through one botocore loader, as a
+    worker's clients do all its life: opening them then costs milliseconds, not a parse each."""
+    loader = get_session().get_component("data_loader")
+
+    def session_sharing_the_loader() -> AioSession:
+        session = get_session()
+        session.register_component("data_loader", loader)
+        return session
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(konnichiwa.aws, "get_session", session_sharing_the_loader)
+        yield
 
 
 @contextlib.contextmanager

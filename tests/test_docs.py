@@ -23,6 +23,7 @@ ACTION = re.compile(r"\b(?:ssm|kms|s3|secretsmanager):[A-Za-z]+\b")
 SSM_PATH = re.compile(r"/konnichiwa/<env>/[\w/*]*")
 
 
+@pytest.mark.slow
 def test_the_site_builds_strictly(tmp_path: Path) -> None:
     """A broken link or anchor, or a page missing from the navigation, is a warning: it fails."""
     site = tmp_path / "site"

@@ -16,6 +16,7 @@ from typing import Any, Final
 import aiohttp
 import asyncpg
 import psutil
+import pytest
 import yaml
 from redis.asyncio import Redis
 
@@ -83,6 +84,7 @@ async def _audit_rows(database_url: str) -> dict[int, int]:
     return {row["seq"]: row["new_counter"] for row in rows}
 
 
+@pytest.mark.slow
 async def test_no_acknowledged_update_is_lost_when_valkey_is_killed(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -119,6 +121,7 @@ async def test_no_acknowledged_update_is_lost_when_valkey_is_killed(
     assert load.refused > 0  # the kill did hit requests
 
 
+@pytest.mark.slow
 async def test_a_full_valkey_refuses_changes_with_a_503_and_drains(
     tmp_path: Path, own_postgres: tuple[str, int]
 ) -> None:

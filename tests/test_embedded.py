@@ -17,6 +17,8 @@ import pytest
 
 from tests.support import ServiceProcess, free_port, http_get, pid_from_file, running_service
 
+pytestmark = pytest.mark.slow
+
 
 def _dev(state_dir: Path) -> dict[str, str]:
     return {"ENVIRONMENT": "dev", "KONNICHIWA_STATE_DIR": str(state_dir)}

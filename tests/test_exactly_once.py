@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import aiohttp
 import asyncpg
+import pytest
 import redis.asyncio
 
 from tests.support import (
@@ -26,6 +27,8 @@ from tests.support import (
     pid_from_file,
     running_service,
 )
+
+pytestmark = pytest.mark.slow
 
 UPDATE_CLIENTS, USER_CLIENTS = 20, 4
 STALLS = 3  # Redis paused this many times, 2 s each

@@ -56,6 +56,7 @@ async def test_ready(client: Client) -> None:
     assert all(check["latency_ms"] >= 0 for check in body["checks"].values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("down", "up"), [("redis", "postgres"), ("postgres", "redis")])
 async def test_ready_names_a_hung_dependency(
     aiohttp_client: AiohttpClient, settings: Settings, own_servers: dict[str, tuple[str, int]],
@@ -104,6 +105,7 @@ async def _status(client: Client, path: str) -> int:
     return (await client.get(path)).status
 
 
+@pytest.mark.slow
 async def test_ready_names_a_stopped_redis(
     aiohttp_client: AiohttpClient, settings: Settings, tmp_path: Path
 ) -> None:

@@ -39,7 +39,6 @@ from tests.support import (
     FULL_KEY,
     ServiceProcess,
     add_route,
-    debian_program,
     free_port,
     http_get,
     paused,
@@ -126,16 +125,6 @@ def runbook_sections() -> dict[str, str]:
 # --- The tools ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    return debian_program("promtool", "prometheus")
-
-
-@pytest.fixture(scope="session")
-def prometheus() -> str:
-    return debian_program("prometheus", "prometheus")
-
-
 def run(*command: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
 
@@ -143,12 +132,14 @@ def run(*command: str | Path) -> subprocess.CompletedProcess[str]:
 # --- Rules --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rules_pass_promtool(promtool: str) -> None:
     result = run(promtool, "check", "rules", *RULE_FILES)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(RULE_FILES) == 2
 
 
+@pytest.mark.slow
 def test_alerts_pass_their_unit_tests(promtool: str) -> None:
     result = run(promtool, "test", "rules", UNIT_TESTS)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -160,6 +151,7 @@ def test_every_alert_has_a_unit_test_that_fires_it() -> None:
     assert fired == {rule["alert"] for rule in alerting_rules()}
 
 
+@pytest.mark.slow
 def test_prometheus_config_passes_promtool(promtool: str, tmp_path: Path) -> None:
     """The compose profile's config, with its rules; the key file compose would mount is made."""
     shutil.copytree(PROMETHEUS, tmp_path, dirs_exist_ok=True)
@@ -560,6 +552,7 @@ POSTGRES_STALLED: Final = {
 DOWN: Final = {"KonnichiwaDown"}
 
 
+@pytest.mark.slow
 async def test_alerts_fire_under_real_faults(
     service: ServiceProcess, own_postgres: tuple[str, int], prometheus: str, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from pytest_aiohttp import AiohttpClient
 from konnichiwa.app import create_app
 from konnichiwa.routes import routes_for
 from konnichiwa.settings import ServiceName, Settings
-from tests.support import Client, debian_program
+from tests.support import Client
 
 ROLES: list[ServiceName] = ["api", "aux"]
 
@@ -113,12 +113,7 @@ async def test_docs_page_and_assets_are_served_locally(client: Client) -> None:
         assert response.status == 200, asset
 
 
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's Chromium."""
-    return debian_program("chromium", "chromium")
-
-
+@pytest.mark.slow
 async def test_swagger_ui_lists_the_operations(
     client: Client, chromium: str, tmp_path: Path
 ) -> None:

@@ -22,6 +22,8 @@ from tests.support import (
     running_service,
 )
 
+pytestmark = pytest.mark.slow
+
 STALL_SECONDS: Final = 25.0
 PROBES: Final = 100
 FAST: Final = 1.5  # what "at once" means for an answer while Postgres is stalled

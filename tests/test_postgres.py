@@ -72,6 +72,7 @@ async def test_concurrent_migrations_apply_each_version_once(empty_database: str
     assert await _migrate_once(empty_database) == []
 
 
+@pytest.mark.slow
 def test_migrate_command(empty_database: str) -> None:
     environment = {**os.environ, "DATABASE_URL": empty_database, "REDIS_URL": "redis://unused"}
     command = [sys.executable, "-m", "konnichiwa", "migrate"]
@@ -200,6 +201,7 @@ class Intruder(NamedTuple):
     words: str
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "intruder",
     [

@@ -201,6 +201,7 @@ async def test_a_body_that_trickles_is_cut_off(live: Live) -> None:
         assert (await reply.json())["counter"] == 0  # nothing was applied
 
 
+@pytest.mark.slow
 async def test_idle_connection_is_closed_after_keepalive(live: Live) -> None:
     started = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
@@ -265,6 +266,7 @@ async def test_connections_over_the_cap_close_the_longest_idle(live: Live) -> No
             writer.close()
 
 
+@pytest.mark.slow
 async def test_held_sockets_leave_health_answering_and_memory_returns(
     tmp_path: Path, redis_url: str, database_url: str
 ) -> None:
@@ -312,6 +314,7 @@ async def _memory_back(process: psutil.Process, limit: float, within: float) -> 
     return True
 
 
+@pytest.mark.slow
 async def test_sigterm_answers_every_request_in_flight_even_mid_upload(
     tmp_path: Path, redis_url: str, database_url: str
 ) -> None:

@@ -195,6 +195,7 @@ async def test_failed_authentication_blocks_an_address_long_before_its_quota(
     assert refused == len(WRONG_KEYS) - allowed + 1
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_redis_share_one_quota(
     tmp_path: Path, redis_url: str, database_url: str
 ) -> None:
@@ -212,6 +213,7 @@ def test_two_processes_on_one_redis_share_one_quota(
     assert statuses.count(429) == 10
 
 
+@pytest.mark.slow
 async def test_redis_down_reads_fail_open_and_writes_closed_with_one_log_line(
     aiohttp_client: AiohttpClient, settings: Settings, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -236,6 +238,7 @@ async def test_redis_down_reads_fail_open_and_writes_closed_with_one_log_line(
     assert lines[0].startswith("rate limiter cannot reach Redis")
 
 
+@pytest.mark.slow
 async def test_a_hung_redis_delays_a_request_by_the_lease_timeout_at_most(
     aiohttp_client: AiohttpClient, settings: Settings, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.support import debian_program, running_service
+from tests.support import running_service
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -71,11 +71,13 @@ PAGES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
-def test_the_examples_answer_as_documented(page: Path, tmp_path: Path, server_dir: Path) -> None:
+def test_the_examples_answer_as_documented(
+    page: Path, tmp_path: Path, server_dir: Path, curl: str
+) -> None:
     """A fresh dev service in a folder of its own, as a newcomer has after `konnichiwa serve`;
     each example runs there with the real curl, in the page's order."""
-    curl = debian_program("curl", "curl")
     state_dir = server_dir / ".konnichiwa"
     environment = {"ENVIRONMENT": "dev", "KONNICHIWA_STATE_DIR": str(state_dir)}
     with running_service(tmp_path / "serve.log", environment, "--workers", "1") as service:

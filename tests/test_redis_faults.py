@@ -7,8 +7,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support import FULL_AUTH, FULL_KEY, paused, pid_from_file, running_service
+
+pytestmark = pytest.mark.slow
 
 STALL_SECONDS = 5
 FAIL_FAST_SECONDS = 1.5  # the 1 s command timeout and the way there and back

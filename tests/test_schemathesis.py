@@ -24,6 +24,8 @@ from konnichiwa.openapi import openapi_document
 from konnichiwa.settings import Rate, RateLimits, Settings
 from tests.support import FULL_KEY
 
+pytestmark = pytest.mark.slow
+
 SEED: Final = 17
 # Examples per operation and generation mode in the fuzzing phase: the module runs in about a
 # minute on two cores (the coverage, example and stateful phases add their own cases).

@@ -14,10 +14,13 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import psutil
+import pytest
 import redis
 
 from konnichiwa.health import FRESH_FOR
 from tests.support import ServiceProcess, http_get, paused, pid_from_file, running_service
+
+pytestmark = pytest.mark.slow
 
 
 def _printed_url(output: str, label: str) -> str:

@@ -69,6 +69,7 @@ def test_service_latency_is_none_when_metrics_cannot_be_read() -> None:
     assert ServiceLatency.scrape(f"http://127.0.0.1:{free_port()}", "any-key") is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "locust_options",
     [
@@ -103,6 +104,7 @@ def test_slo_run_passes_on_the_embedded_stack(server_dir: Path, locust_options: 
     assert outcome.total.requests >= 9000
 
 
+@pytest.mark.slow
 def test_a_key_that_looks_like_an_option_reaches_locust(
     tmp_path: Path, redis_url: str, database_url: str
 ) -> None:

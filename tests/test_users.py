@@ -235,6 +235,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+@pytest.mark.slow
 async def test_pages_of_a_million_users_keep_one_plan(pool: asyncpg.Pool) -> None:
     """Uncached pages anywhere among many users: Postgres plans the page statement once, not
     afresh for each call's page and limit."""

@@ -72,6 +72,7 @@ async def _inspect_on_new_connection(url: str) -> Inspection:
         return msgspec.json.decode(await response.read(), type=Inspection)
 
 
+@pytest.mark.slow
 async def test_every_worker_counts_and_any_reports_all(
     tmp_path: Path, redis_url: str, database_url: str
 ) -> None:
@@ -102,6 +103,7 @@ async def test_every_worker_counts_and_any_reports_all(
     assert sorted(served_by) == [0, 1]
 
 
+@pytest.mark.slow
 async def test_a_replaced_worker_takes_over_its_slot_and_counts(
     tmp_path: Path, redis_url: str, database_url: str
 ) -> None:

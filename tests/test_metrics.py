@@ -119,6 +119,7 @@ async def test_metrics_give_each_workers_start(client: Client) -> None:
     assert time.time() - 60 < started <= time.time()
 
 
+@pytest.mark.slow
 async def test_metrics_count_aws_cache_answers(
     aiohttp_client: AiohttpClient, settings: Settings, aws_url: str
 ) -> None:

@@ -80,6 +80,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "code", "state"), CASES)
 def test_thresholds_set_the_exit_code(
     service: ServiceProcess, args: tuple[str, ...], code: int, state: str
@@ -185,6 +186,7 @@ def recording_server(status: HTTPStatus, location: str = "") -> Iterator[tuple[s
             thread.join()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "status",
     [HTTPStatus.MOVED_PERMANENTLY, HTTPStatus.FOUND, HTTPStatus.SEE_OTHER,
@@ -215,6 +217,7 @@ def test_unknown_for_a_url_that_is_not_http(tmp_path: Path, url: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_unknown_once_the_service_stops(tmp_path: Path, redis_url: str, database_url: str) -> None:
     environment = {"REDIS_URL": redis_url, "DATABASE_URL": database_url, "API_KEY": FULL_KEY}
     with serve(tmp_path / "serve.log", environment, "--workers", "1") as running:
@@ -257,6 +260,7 @@ def test_watch_repeats_until_interrupted(service: ServiceProcess) -> None:
         assert process.returncode == 1, rest[-2000:]
 
 
+@pytest.mark.slow
 async def test_a_dependency_down_is_critical(
     aiohttp_client: AiohttpClient, settings: Settings, tmp_path: Path
 ) -> None:
